@@ -1,0 +1,3 @@
+from vmtool.cli.main import entry
+
+entry()

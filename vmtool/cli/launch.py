@@ -1,0 +1,9 @@
+"""CLI for vmtool's launch commands (filled in by the issue that owns them)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    pass
