@@ -90,3 +90,17 @@ class QueueError(VmtoolError):
 
 class PublishError(VmtoolError):
     pass
+
+
+class TransferFailed(FetchError):
+    """A fetch failure with the details HTCondor's TransferErrorData wants (type, code, server)."""
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, error_type: str = "Transfer", code: int = -1,
+        server: str = "", failure_type: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.error_type = error_type
+        self.code = code
+        self.server = server
+        self.failure_type = failure_type

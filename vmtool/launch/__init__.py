@@ -1,0 +1,44 @@
+"""Run one VM through libvirt, inside the job's (slot's) cgroup, and report what it used.
+
+Public API (used by `vmtool launch` and by the queue worker, which may run 1-2 VMs at once in one slot):
+
+    from vmtool.launch import LaunchSpec, start, launch, ExitReason
+
+    spec = LaunchSpec(
+        manifest=Path("build/manifest.json"),   # direct kernel boot from a build, or
+        domain_xml=None,                        # a domain XML from elsewhere (rendered for this host)
+        disks=(Path("sandbox/root.qcow2"),),    # staged overlays, in target order (vda, vdb, ...)
+        cpus=None, memory_mib=None,             # None: from the slot (_CONDOR_MACHINE_AD) or the host
+        timeout=3600.0,                         # seconds; None = no limit
+        uri="qemu:///system",
+        sandbox=Path("sandbox"),                # console log, sockets and report live here
+        name=None,                              # None: "vmtool-<pid>-<random>" (unique per job)
+        channels=(("org.vmtool.relay.0", Path("sandbox/relay0.sock")),),  # virtio-serial <-> unix socket
+        console_log=None,                       # None: sandbox/<name>.console.log
+        use_cgroup=True,                        # False = --no-cgroup (VM stays where libvirt puts it)
+        extra_cmdline=("vmtool.job=42",),       # appended to the kernel command line (manifest boot)
+    )
+
+    with start(spec) as vm:                     # RunningVM; domain is running, qemu is in our cgroup
+        vm.pid, vm.name, vm.console_log, vm.xml, vm.warnings
+        reason = vm.wait(timeout=None)          # -> ExitReason (POWEROFF, TIMEOUT, MEMORY, CRASHED, SIGNALLED)
+        vm.shutdown(grace=30)                   # ACPI request, destroy after `grace` seconds
+        vm.destroy()
+        vm.stats()                              # -> VMStats: cpu_seconds, peak_memory_bytes, disk/net bytes
+    # on leaving the block: domain destroyed if still there, cgroup removed, whatever happened.
+
+    report = launch(spec, stop=threading.Event())  # whole run for the CLI -> LaunchReport (.to_dict())
+
+For a unix-socket channel, libvirt creates (binds) the socket; connect to it after start() returns.
+In the guest the port appears as /dev/vportNpM whose /sys/class/virtio-ports/*/name is the channel name.
+
+Modules: `host` (libvirt capabilities, the KVM probe and its cache), `cgroups` (the only writer of
+/sys/fs/cgroup), `vm` (LaunchSpec, RunningVM, start, launch). The domain XML itself is made by
+`vmtool.domain` (`render`).
+"""
+
+from __future__ import annotations
+
+from vmtool.launch.vm import ExitReason, LaunchReport, LaunchSpec, RunningVM, VMStats, launch, start
+
+__all__ = ["ExitReason", "LaunchReport", "LaunchSpec", "RunningVM", "VMStats", "launch", "start"]

@@ -1,0 +1,125 @@
+"""Benchmark for `vmtool build` (issue 2). Run: .venv/bin/python bench/build.py [--no-guestfs]
+
+A 4 GiB sparse GPT+LVM disk (ext4 /boot partition; VG with lv_swap first, then a 2 GiB lv_root holding
+~1 GiB of incompressible files) is built once; then, with warm page caches for every contender:
+- native `vmtool build` time / `cp --sparse=always` of the root LV's bytes (as a file): limit 1.5
+- guestfs backend time / native time: printed (native should be at least 10x faster)
+- allocated bytes of rootfs.img / allocated bytes of the LV's data in the source: limit 1.1
+Each timing is the best of --runs runs (default 3; guestfs runs once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vmtool.image.extract import _data_runs  # noqa: E402
+from vmtool.images.default import make_rootfs_tree, newest_host_kernel  # noqa: E402
+from vmtool.images.disk import make_whole_disk  # noqa: E402
+from vmtool.run import run  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def make_disk(work: Path, data_mib: int) -> tuple[Path, dict[str, object]]:
+    tree = work / "tree"
+    make_rootfs_tree(tree, label="rootfs", kernel_version=newest_host_kernel()[2])
+    data = tree / "srv/data"
+    data.mkdir(parents=True)
+    per = 64
+    for n in range(data_mib // per):
+        with open(data / f"blob{n:03d}", "wb") as f:
+            for _ in range(per):
+                f.write(os.urandom(MiB))
+    disk = work / "disk.raw"
+    facts = make_whole_disk(disk, tree=tree, table="gpt", boot="partition", root="lvm", size_mib=4096,
+                            root_size_mib=2048)
+    shutil.rmtree(tree)
+    return disk, facts
+
+
+def timed(*argvs: list[str], cleanup: Path | None = None, env: dict[str, str] | None = None) -> float:
+    if cleanup is not None:
+        if cleanup.is_dir():
+            shutil.rmtree(cleanup)
+        else:
+            cleanup.unlink(missing_ok=True)
+    run(["sync"])  # start every contender with no dirty pages of the others'
+    t = time.monotonic()
+    for argv in argvs:
+        run(argv, timeout=3600, env=env)
+    return time.monotonic() - t
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data-mib", type=int, default=1024)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-guestfs", action="store_true")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="vmtool-bench-", dir=args.workdir) as td:
+        work = Path(td)
+        disk, facts = make_disk(work, args.data_mib)
+        lvm = facts["lvm"]
+        assert isinstance(lvm, dict)
+        pv_data = int(facts["root"]["offset"])  # type: ignore[index]
+        lv_len = sum(c for _, c in lvm["lv_root"]) * lvm["extent_size"]
+        # The anchor's input: the LV's bytes as a sparse file (dd skips zero blocks: conv=sparse).
+        lv = work / "lv.img"
+        run(["dd", f"if={disk}", f"of={lv}", "bs=1M", f"skip={pv_data // MiB}", f"count={lv_len // MiB}",
+             "conv=sparse", "status=none"])
+        fd = os.open(disk, os.O_RDONLY)
+        try:
+            lv_data = sum(n for _, n in _data_runs(fd, pv_data, pv_data + lv_len))
+        finally:
+            os.close(fd)
+        vmtool = [sys.executable, "-m", "vmtool"]
+        env = {"VMTOOL_CACHE_DIR": str(work / "cache")}
+        copy = work / "copy.img"
+        # Both contenders finish with their output on disk: cp is followed by `sync FILE` (fsync), and
+        # vmtool build fsyncs its outputs before renaming OUTDIR into place.
+        cp_argv = [["cp", "--sparse=always", str(lv), str(copy)], ["sync", str(copy)]]
+        timed(*cp_argv)  # warm the page cache with the disk's data
+        cold = timed([*vmtool, "build", str(disk), "-o", str(work / "out")], env=env)
+        cp_ts, nat_ts = [], []
+        for _ in range(args.runs):
+            cp_ts.append(timed(*cp_argv, cleanup=copy))
+            nat_ts.append(timed([*vmtool, "build", str(disk), "-o", str(work / "out")], cleanup=work / "out",
+                                env=env))
+        cp_t, nat_t = min(cp_ts), min(nat_ts)
+        rootfs_alloc = allocated(work / "out/rootfs.img")
+        lines = [
+            f"build: native {nat_t:.2f} s / cp --sparse=always {cp_t:.2f} s = {nat_t / cp_t:.2f} (limit 1.5)",
+            f"build: native, first build (source sha256 not cached) {cold:.2f} s / cp --sparse=always {cp_t:.2f} s"
+            f" = {cold / cp_t:.2f}",
+        ]
+        if not args.no_guestfs:
+            g_t = timed([*vmtool, "build", str(disk), "-o", str(work / "gout"), "--backend", "guestfs"])
+            lines.append(f"build: guestfs {g_t:.1f} s / native {nat_t:.2f} s = {g_t / nat_t:.1f} "
+                         "(native should be >= 10x faster)")
+        lines.append(f"build: rootfs allocated {rootfs_alloc / MiB:.0f} MiB / LV data allocated "
+                     f"{lv_data / MiB:.0f} MiB = {rootfs_alloc / lv_data:.3f} (limit 1.1)")
+        lines.append(f"build: disk {facts['size'] // GiB} GiB sparse GPT+LVM, LV {lv_len // MiB} MiB, "
+                     f"{args.data_mib} MiB of random files, best of {args.runs}, {os.cpu_count()} CPUs")
+        for ln in lines:
+            sys.stdout.write(ln + "\n")
+        ok = nat_t / cp_t <= 1.5 and rootfs_alloc / lv_data <= 1.1
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Benchmark `vmtool launch` (issue 4): wall time from starting `vmtool launch` to the guest's poweroff
+(the process's exit, cleanup included), over the wall time of `qemu-system-x86_64` booting the same
+guest - same kernel, initrd, command line, qcow2 overlay, memory, NIC and accelerator - directly.
+Limit 1.15. Median of 3 of each, run alternately (v q v q v q) so load from elsewhere hits both.
+
+vmtool runs as a job would: in a fake slot cgroup (made here in each cgroup v1 hierarchy, removed
+afterwards), through the system libvirtd (started here, and stopped afterwards, if none answers).
+Exits 1 if the limit is not met. Scratch files go to $VMTOOL_BENCH_DIR (default /var/tmp).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.fixtures.libvirtd import FakeSlot, _v1_writable, make_guest, shared_libvirtd  # noqa: E402
+from vmtool.run import DEVNULL, run, spawn  # noqa: E402
+
+RUNS = int(os.environ.get("BENCH_LAUNCH_RUNS", "3"))
+LIMIT = 1.15
+MEMORY_MIB = 512
+URI = "qemu:///system"
+GUEST = {"10-hello": "#!/bin/sh\necho 'vmtool-bench: hello'\n"}
+
+
+def overlay(base: Path, dest: Path) -> Path:
+    dest.unlink(missing_ok=True)
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(dest)])
+    return dest
+
+
+def time_vmtool(slot: FakeSlot | None, manifest: Path, img: Path, work: Path) -> float:
+    ovl = overlay(img, work / "v.qcow2")
+    argv = [sys.executable, "-m", "vmtool", "launch", "--manifest", str(manifest), "--disk", str(ovl),
+            "--memory", str(MEMORY_MIB), "--uri", URI, "--sandbox", str(work), "--timeout", "600"]
+    if slot is None:
+        argv.append("--no-cgroup")
+        cmd = argv
+    else:
+        cmd = ["sh", "-c", f"{slot.enter_script()}; exec \"$@\"", "sh", *argv]
+    t0 = time.monotonic()
+    proc = spawn(cmd, stdout=DEVNULL, stderr=DEVNULL, stdin=DEVNULL, cwd=ROOT)
+    rc = proc.wait()
+    wall = time.monotonic() - t0
+    if rc != 0:
+        raise SystemExit(f"vmtool launch exited with {rc}")
+    return wall
+
+
+def time_qemu(emulator: str, accel: str, manifest: Path, img: Path, work: Path) -> float:
+    from vmtool.manifest import load
+
+    man = load(manifest)
+    ovl = overlay(img, work / "q.qcow2")
+    cpu = "host" if accel == "kvm" else "qemu64"
+    argv = [emulator, "-accel", accel, "-cpu", cpu, "-m", str(MEMORY_MIB), "-smp", "1", "-nodefaults",
+            "-display", "none", "-no-reboot", "-serial", f"file:{work / 'q.console.log'}",
+            "-kernel", str(man.kernel_path), "-initrd", str(man.initrd_path),
+            "-append", f"{man.cmdline} console=ttyS0",
+            "-drive", f"file={ovl},format=qcow2,if=virtio",
+            "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"]
+    t0 = time.monotonic()
+    run(argv, timeout=600)
+    wall = time.monotonic() - t0
+    if "reboot: Power down" not in (work / "q.console.log").read_text(errors="replace"):
+        raise SystemExit("the direct qemu run did not reach poweroff")
+    return wall
+
+
+def main() -> int:
+    base = Path(os.environ.get("VMTOOL_BENCH_DIR", "/var/tmp"))
+    work = Path(tempfile.mkdtemp(prefix="vmtool-bench-launch.", dir=base))
+    try:
+        with shared_libvirtd():
+            return _bench(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench(work: Path) -> int:
+    from vmtool.launch.host import host_facts
+
+    slot = None
+    try:
+        facts = host_facts(URI)
+        manifest, img = make_guest(work, "bench", GUEST)
+        why = _v1_writable()
+        if why is None:
+            slot = FakeSlot(f"vmtool-bench-slot-{os.getpid()}")
+        else:
+            print(f"note: no cgroup v1 slot ({why}); vmtool runs with --no-cgroup")
+        v_times, q_times = [], []
+        for _ in range(RUNS):
+            v_times.append(time_vmtool(slot, manifest, img, work))
+            q_times.append(time_qemu(facts.emulator, facts.accel, manifest, img, work))
+        v, q = statistics.median(v_times), statistics.median(q_times)
+        ratio = v / q
+        print(f"launch: vmtool {v:.1f} s / qemu direct {q:.1f} s = {ratio:.2f} (limit {LIMIT}) "
+              f"[{facts.accel}, median of {RUNS}; vmtool {' '.join(f'{t:.1f}' for t in v_times)}; "
+              f"qemu {' '.join(f'{t:.1f}' for t in q_times)}]")
+        return 0 if ratio <= LIMIT else 1
+    finally:
+        if slot is not None:
+            slot.remove()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""`vmtool domain render` and `vmtool launch` against a real libvirtd, without booting a guest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from tests.fixtures.libvirtd import FakeSlot
+from vmtool.cli.main import main
+from vmtool.launch.host import host_facts
+from vmtool.run import run
+
+pytestmark = pytest.mark.libvirt
+
+
+def _overlay(tmp: Path) -> Path:
+    p = tmp / "root.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(p), "16M"])
+    return p
+
+
+def test_render_with_host_facts_from_libvirt(libvirt_uri: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    facts = host_facts(libvirt_uri)
+    assert Path(facts.emulator).exists() and "pc" in facts.machines and "qemu" in facts.domain_types
+    rc = main(["domain", "render", "--uri", libvirt_uri, "--disk", str(_overlay(tmp_path)), "--sandbox",
+               str(tmp_path), "--cpus", "1", "--memory", "256", "--json"])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    root = etree.fromstring(data["xml"].encode())
+    assert root.get("type") == ("kvm" if facts.kvm else "qemu")
+    assert root.findtext("devices/emulator") == facts.emulator
+    assert data["accel"] == facts.accel and data["kvm_reason"] == facts.kvm_reason
+
+
+def test_libvirt_refusal_leaves_nothing(libvirt_uri: str, tmp_path: Path, fake_slot: FakeSlot,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    name = f"vmtool-refused-{fake_slot.name[-6:]}"
+    rc = main(["launch", "--manifest", str(_fake_manifest(tmp_path)), "--disk", str(_overlay(tmp_path)),
+               "--sandbox", str(tmp_path), "--uri", libvirt_uri, "--network", "no-such-network", "--name", name,
+               "--cgroup-parent", fake_slot.rel])
+    err = capsys.readouterr().err
+    assert rc == 1 and "vmtool: error: libvirt could not start the domain" in err and "no-such-network" in err
+    assert "Traceback" not in err
+    assert fake_slot.children() == []
+    names = run(["virsh", "-c", libvirt_uri, "list", "--all", "--name"]).stdout.decode().split()
+    assert name not in names
+
+
+def test_cgroup_failure_is_exact_and_no_cgroup_skips_it(libvirt_uri: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["launch", "--manifest", str(_fake_manifest(tmp_path)), "--disk", str(_overlay(tmp_path)),
+               "--sandbox", str(tmp_path), "--uri", libvirt_uri, "--cgroup-parent", "/vmtool-no-such-slot"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "the slot's cgroup" in err and "/vmtool-no-such-slot" in err and "--no-cgroup" in err
+
+
+def _fake_manifest(d: Path) -> Path:
+    from tests.unit.test_domain_render import fake_manifest
+
+    return fake_manifest(d)

@@ -1,0 +1,210 @@
+"""The real guest agent (busybox sh, its busybox applets) against the real host relay, over a pty.
+
+The pty stands in for the virtio-serial character device; the VM tests run the same agent in a guest.
+A second group drives Relay with a hostile peer to check that a lying guest cannot hurt the host.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import shutil
+import socket
+import termios
+import threading
+import time
+import tty
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmtool.queue.agent import AGENT_VERSION, agent_files, agent_script
+from vmtool.queue.items import Item, job_script
+from vmtool.queue.relay import Relay, RelayError
+from vmtool.run import DEVNULL, PIPE, Popen, spawn
+
+pytestmark = pytest.mark.integration
+
+BUSYBOX = "/bin/busybox"
+
+
+class AgentOnPty:
+    def __init__(self, tmp: Path, grace: int = 120) -> None:
+        bindir = tmp / "bin"
+        bindir.mkdir()
+        for applet in ("sh", "cat", "cut", "rm", "mkdir", "base64", "tail", "head", "timeout", "awk", "sleep",
+                       "sync", "echo", "printf", "wc", "ls", "true", "false", "tr", "sed", "kill"):
+            (bindir / applet).symlink_to(BUSYBOX)
+        script = tmp / "agent.sh"
+        script.write_text(agent_script("relay"))
+        master, slave = pty.openpty()
+        tty.setraw(slave)
+        attrs = termios.tcgetattr(slave)
+        attrs[3] &= ~termios.ECHO
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
+        self.master = master
+        self.slave_name = os.ttyname(slave)
+        self.slave = slave
+        self.proc: Popen[bytes] = spawn(
+            [BUSYBOX, "sh", os.fspath(script)],
+            env={"PATH": os.fspath(bindir), "VMTOOL_AGENT_DEV": self.slave_name,
+                 "VMTOOL_AGENT_GRACE": str(grace), "TMPDIR": os.fspath(tmp)},
+            stdin=DEVNULL, stdout=DEVNULL, stderr=PIPE, new_session=True,
+        )
+        self.host_sock, peer = socket.socketpair()
+        self.peer = peer
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._bridge, daemon=True)
+        self._t.start()
+
+    def _bridge(self) -> None:
+        while not self._stop.is_set():
+            r, _, _ = select.select([self.master, self.peer], [], [], 0.2)
+            try:
+                if self.master in r:
+                    data = os.read(self.master, 65536)
+                    if not data:
+                        break
+                    self.peer.sendall(data)
+                if self.peer in r:
+                    data = self.peer.recv(65536)
+                    if not data:
+                        break
+                    os.write(self.master, data)
+            except OSError:
+                break
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        self._stop.set()
+        self._t.join(2)
+        for fd in (self.master, self.slave):
+            os.close(fd)
+        self.peer.close()
+        self.host_sock.close()
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[AgentOnPty]:
+    if not os.path.exists(BUSYBOX) or shutil.which("base64") is None:
+        pytest.skip("busybox-static is not installed")
+    a = AgentOnPty(tmp_path)
+    try:
+        yield a
+    finally:
+        a.close()
+
+
+def test_agent_files_layout() -> None:
+    files = agent_files("relay")
+    assert set(files) == {"/usr/lib/vmtool/agent.sh", "/etc/vmtool/rc.d/50-vmtool-agent", "/etc/vmtool/agent.conf"}
+    assert files["/usr/lib/vmtool/agent.sh"][1] == 0o755
+    assert b"@VERSION@" not in files["/usr/lib/vmtool/agent.sh"][0]
+    assert f"VMTOOL_AGENT_VERSION={AGENT_VERSION}".encode() in files["/etc/vmtool/agent.conf"][0]
+    from vmtool.errors import QueueError
+
+    with pytest.raises(QueueError, match="unknown agent mode"):
+        agent_files("carrier-pigeon")
+
+
+def test_agent_serves_items_until_stop(agent: AgentOnPty) -> None:
+    agent.host_sock.settimeout(1.0)
+    relay = Relay(agent.host_sock, name="pty")
+    assert relay.wait_hello(timeout=20) == "relay"
+    assert relay.agent_version == AGENT_VERSION
+
+    # Inputs in, stdout/stderr tails and output files back, the exit code kept.
+    it = Item("i1", ["sh", "-c", "cat data.bin | wc -c; echo oops >&2; cp data.bin $VMTOOL_OUTDIR/copy.bin; exit 7"])
+    payload = bytes(range(256)) * 4
+    g = relay.run(1, job_script(it, {"data.bin": payload}), timeout_s=20, max_output=4096)
+    assert (g.exit, g.stdout.strip(), g.stderr) == (7, b"1024", b"oops\n")
+    assert g.outputs == {"copy.bin": payload}
+
+    # Hostile arguments stay arguments.
+    it2 = Item("i2", ["printf", "%s|", "$(echo pwned)", "a b", "'q'"])
+    g2 = relay.run(2, job_script(it2, {}), timeout_s=20, max_output=4096)
+    assert (g2.exit, g2.stdout) == (0, b"$(echo pwned)|a b|'q'|")
+
+    # Only the tail of a long output comes back.
+    it3 = Item("i3", ["sh", "-c", "i=0; while [ $i -lt 2000 ]; do echo line$i; i=$((i+1)); done"])
+    g3 = relay.run(3, job_script(it3, {}), timeout_s=30, max_output=100)
+    assert len(g3.stdout) == 100 and g3.stdout.endswith(b"line1999\n")
+
+    # The item's time limit is enforced in the guest.
+    it4 = Item("i4", ["sleep", "30"], timeout_s=1)
+    t0 = time.monotonic()
+    g4 = relay.run(4, job_script(it4, {}), timeout_s=1, max_output=100)
+    assert g4.exit in (124, 143) and time.monotonic() - t0 < 10
+
+    relay.stop()
+    assert agent.proc.wait(10) == 0
+
+
+def test_agent_stops_when_host_is_silent(tmp_path: Path) -> None:
+    if not os.path.exists(BUSYBOX):
+        pytest.skip("busybox-static is not installed")
+    a = AgentOnPty(tmp_path, grace=3)
+    try:
+        a.host_sock.settimeout(1.0)
+        relay = Relay(a.host_sock, name="pty")
+        relay.wait_hello(timeout=20)
+        # No PINGs: the agent gives up by itself (a worker that was SIGKILLed leaves no VM behind).
+        assert a.proc.wait(30) == 0
+    finally:
+        a.close()
+
+
+class HostileGuest:
+    def __init__(self) -> None:
+        self.host, self.guest = socket.socketpair()
+        self.host.settimeout(0.5)
+        self.relay = Relay(self.host, name="evil")
+
+    def answer(self, data: bytes) -> None:
+        self.guest.sendall(data)
+
+    def close(self) -> None:
+        self.host.close()
+        self.guest.close()
+
+
+@pytest.mark.parametrize(
+    "reply, words",
+    [
+        (b"x" * 10000, "longer than"),
+        (b"RESULT 1 0 0.1\nSTDOUT\n" + b"QUFB\n" * 3000 + b".\n", "more than max_output"),
+        (b"RESULT 1 0 0.1\nSTDOUT\n@@@@\n.\n", "invalid base64"),
+        (b"RESULT 9 0 0.1\n", "malformed RESULT"),
+        (b"RESULT 1 0 0.1\nSTDOUT\n.\nSTDERR\n.\nOUTPUT ../../etc/passwd\n", "unexpected line"),
+        (b"RESULT 1 0 0.1\nSTDOUT\n.\n", "went away"),
+        (b"\xff\xfe\n", "non-ASCII"),
+        (b"rm -rf /\n", "unexpected line"),
+    ],
+)
+def test_relay_refuses_a_lying_guest(reply: bytes, words: str) -> None:
+    h = HostileGuest()
+    try:
+        h.answer(reply)
+        h.guest.shutdown(socket.SHUT_WR)
+        with pytest.raises(RelayError) as e:
+            h.relay.run(1, "true\n", timeout_s=2, max_output=1000, grace=1)
+        assert words in e.value.message
+    finally:
+        h.close()
+
+
+def test_relay_gives_up_on_a_silent_guest() -> None:
+    h = HostileGuest()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RelayError, match="did not answer in time"):
+            h.relay.run(1, "true\n", timeout_s=1, max_output=1000, grace=1)
+        assert time.monotonic() - t0 < 5
+    finally:
+        h.close()

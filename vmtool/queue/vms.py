@@ -1,0 +1,161 @@
+"""VMs for the worker, started through vmtool.launch (libvirt, qemu inside the slot's cgroup).
+
+Each VM gets its own copy-on-write overlay on the image (so N VMs share one read-only base), a
+virtio-serial channel `org.vmtool.relay.0` backed by a unix socket in its sandbox directory, and is
+destroyed (overlay removed) when its context ends, whatever happened.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmtool.errors import QueueError
+from vmtool.queue.agent import RELAY_PORT_NAME
+from vmtool.run import run
+
+_LIBVIRT_LOCK = threading.Lock()
+
+
+def slot_uri(uri: str, slot: int) -> str:
+    """A libvirt URI that gives each VM slot its own cached connection in vmtool.launch.
+
+    Two VMs whose lifecycle callbacks are registered on one shared connection fail with libvirt's
+    "event callback already tracked"; a distinct URI (an ignored query parameter) gets each slot its
+    own connection. Slot 0 keeps the URI as given.
+    """
+    if slot == 0:
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}vmtool_slot={slot}"
+
+
+@dataclass
+class ImageRef:
+    manifest: Path
+    base: Path  # the disk the per-VM overlays are made on
+    base_format: str
+
+
+def resolve_image(image: Path, *, manifest: Path | None = None) -> ImageRef:
+    """`--image` is a manifest.json (its rootfs is the base) or an overlay/disk next to a manifest."""
+    from vmtool import manifest as mf
+
+    image = image.resolve()
+    if not image.exists():
+        raise QueueError(f"image {image} does not exist", hint="give the manifest.json of 'vmtool build'")
+    if mf.is_manifest(image):
+        m = mf.load(image)
+        mpath, base, fmt = image, m.rootfs_path, m.rootfs.format
+    else:
+        mpath = manifest.resolve() if manifest else _find_manifest(image)
+        m = mf.load(mpath)
+        base, fmt = image, _image_format(image)
+    if not m.agent:
+        raise QueueError(
+            f"the image of {mpath} has no vmtool guest agent",
+            hint="rebuild it with 'vmtool build --agent relay'",
+        )
+    return ImageRef(mpath, base, fmt)
+
+
+def _find_manifest(image: Path) -> Path:
+    for cand in (image.parent / "manifest.json", image.with_suffix(".manifest.json")):
+        if cand.exists():
+            return cand
+    raise QueueError(
+        f"no manifest.json found for {image}",
+        hint="give the build's manifest.json as --image, or pass --manifest with the overlay",
+    )
+
+
+def _image_format(path: Path) -> str:
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+
+
+class LaunchedVM:
+    """Adapter from vmtool.launch's RunningVM to the worker's GuestVM."""
+
+    def __init__(self, running: Any, relay_socket: Path) -> None:
+        self.running = running
+        self.name: str = running.name
+        self.relay_socket = relay_socket
+
+    def alive(self) -> bool:
+        if not self.running.is_running():
+            return False
+        pid = getattr(self.running, "pid", None)
+        if not pid:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state not in ("Z", "X")
+
+    def usage(self) -> dict[str, Any]:
+        try:
+            st = self.running.stats()
+        except Exception:  # the domain may already be gone; usage is best effort
+            return {}
+        d: dict[str, Any] = st.to_dict()
+        return d
+
+
+@dataclass
+class VMFactory:
+    """Starts the worker's VMs: `with factory(slot) as vm: ...`."""
+
+    image: ImageRef
+    workdir: Path
+    memory_mib: int | None = None
+    cpus: int | None = None
+    use_cgroup: bool = True
+    cgroup_parent: str | None = None
+    uri: str = "qemu:///system"
+    name_prefix: str = "vmtool-q"
+
+    def __call__(self, slot: int) -> Any:
+        return self._start(slot)
+
+    @contextmanager
+    def _start(self, slot: int) -> Iterator[LaunchedVM]:
+        from vmtool.launch import LaunchSpec, start
+
+        d = self.workdir / f"vm{slot}"
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        try:
+            overlay = d / "root.qcow2"
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", self.image.base_format, "-b",
+                 os.fspath(self.image.base), os.fspath(overlay)])
+            sock = d / "relay.sock"
+            spec = LaunchSpec(
+                manifest=self.image.manifest,
+                disks=(overlay,),
+                cpus=self.cpus,
+                memory_mib=self.memory_mib,
+                timeout=None,
+                uri=slot_uri(self.uri, slot),
+                sandbox=d,
+                name=f"{self.name_prefix}{os.getpid()}-{slot}-{os.urandom(2).hex()}",
+                channels=((RELAY_PORT_NAME, sock),),
+                use_cgroup=self.use_cgroup,
+                cgroup_parent=self.cgroup_parent,
+            )
+            with _LIBVIRT_LOCK:
+                running = start(spec)
+            try:
+                yield LaunchedVM(running, sock)
+            finally:
+                running.close()
+        finally:
+            shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,445 @@
+"""`vmtool queue work`: reserve items, run them in VMs over the relay, put results, delete items.
+
+Delivery is at least once and never silent: the item stays reserved (and is touched) while its VM works;
+the result is put on `<tube>.results` before the item is deleted; a VM that dies mid-item gets the item
+re-put with its attempt count and the error; a worker that dies drops its connection, which makes
+beanstalkd return the item at once. An item that has failed `max_attempts` times, or that is malformed,
+is buried with a JSON note on `<tube>.buried-reasons` ({"job", "item_id", "reason", "attempts"}), shown
+by `vmtool queue stats`. SIGTERM (terminate()) releases the current items and destroys the VMs.
+
+Each VM slot is a thread with its own beanstalkd connection (greenstalk is not thread-safe). VMs come
+from a `VMStarter` (vmtool.queue.vms wraps vmtool.launch); a VM keeps taking items until the queue has
+been idle for `idle_timeout` seconds, `max_items` items were taken, or the worker is stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from vmtool.errors import QueueError, VmtoolError
+from vmtool.queue.beanstalk import Beanstalk, check_tube, reasons_tube, results_tube
+from vmtool.queue.items import (
+    MAX_URL_INPUT_BYTES,
+    Item,
+    ItemError,
+    Result,
+    job_script,
+    parse_item,
+)
+from vmtool.queue.relay import Relay, RelayError
+
+log = logging.getLogger("vmtool.queue.worker")
+
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+class GuestVM(Protocol):
+    """What the worker needs from a running VM."""
+
+    name: str
+    relay_socket: Path
+
+    def alive(self) -> bool: ...
+
+    def usage(self) -> dict[str, Any]: ...
+
+
+VMStarter = Callable[[int], AbstractContextManager[GuestVM]]
+
+
+@dataclass
+class WorkerOptions:
+    address: tuple[str, int]
+    tube: str
+    vms: int = 1
+    max_items: int | None = None
+    idle_timeout: float = 60.0
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    boot_timeout: float = 300.0
+    # Seconds a re-put failed item waits before it is ready again (lets a sick VM be replaced first).
+    retry_delay: int = 0
+
+
+@dataclass
+class VMRecord:
+    slot: int
+    name: str = ""
+    items: int = 0
+    failed_items: int = 0
+    boot_s: float = 0.0
+    busy_s: float = 0.0
+    started: float = 0.0
+    ended: float = 0.0
+    end_reason: str = ""
+    usage: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "slot": self.slot, "vm": self.name, "items": self.items, "failed_items": self.failed_items,
+            "boot_s": round(self.boot_s, 2), "busy_s": round(self.busy_s, 2),
+            "wall_s": round(max(0.0, self.ended - self.started), 2), "end": self.end_reason, **self.usage,
+        }
+
+
+@dataclass
+class WorkerReport:
+    tube: str
+    done: int = 0
+    retried: int = 0
+    buried: int = 0
+    released: int = 0
+    terminated: bool = False
+    vms: list[VMRecord] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tube": self.tube, "done": self.done, "retried": self.retried, "buried": self.buried,
+            "released": self.released, "terminated": self.terminated,
+            "vms": [v.to_dict() for v in self.vms], "errors": self.errors,
+        }
+
+
+class _Terminated(Exception):
+    pass
+
+
+class _VMFailed(Exception):
+    pass
+
+
+def fetch_inputs(item: Item, *, timeout: float = 30.0) -> dict[str, bytes]:
+    """Inline inputs decoded, URL inputs fetched on the host (the guest has no network in relay mode)."""
+    import base64
+
+    out: dict[str, bytes] = {}
+    for name, spec in item.inputs.items():
+        if "data" in spec:
+            out[name] = base64.b64decode(spec["data"])
+            continue
+        url = spec["url"]
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                data = resp.read(MAX_URL_INPUT_BYTES + 1)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise ItemError(f"item {item.id}: cannot fetch input {name} from {url}: {e}") from None
+        if len(data) > MAX_URL_INPUT_BYTES:
+            raise ItemError(f"item {item.id}: input {name} from {url} is larger than {MAX_URL_INPUT_BYTES} bytes")
+        out[name] = data
+    return out
+
+
+class Worker:
+    def __init__(self, opts: WorkerOptions, start_vm: VMStarter,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        check_tube(opts.tube)
+        if opts.vms < 1:
+            raise QueueError("--vms must be at least 1")
+        self.opts = opts
+        self.start_vm = start_vm
+        self.on_event = on_event
+        self.report = WorkerReport(opts.tube)
+        self._lock = threading.Lock()
+        self._claimed = 0
+        self._term = threading.Event()
+        self._stop = threading.Event()
+        self._seq = 0
+
+    # -- control ---------------------------------------------------------------------------------------
+    def terminate(self) -> None:
+        """SIGTERM: release current items, destroy VMs, return."""
+        self.report.terminated = True
+        self._term.set()
+        self._stop.set()
+
+    def stop(self) -> None:
+        """Finish current items, then stop."""
+        self._stop.set()
+
+    def _event(self, what: str, **data: Any) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(what, data)
+            except Exception:  # a progress display must never break the worker
+                log.debug("progress callback failed", exc_info=True)
+
+    def _claim(self) -> bool:
+        with self._lock:
+            if self.opts.max_items is not None and self._claimed >= self.opts.max_items:
+                return False
+            self._claimed += 1
+            return True
+
+    def _unclaim(self) -> None:
+        with self._lock:
+            self._claimed -= 1
+
+    # -- main ------------------------------------------------------------------------------------------
+    def run(self) -> WorkerReport:
+        # Fail early and clearly if the queue is unreachable.
+        Beanstalk(self.opts.address).close()
+        threads = []
+        for slot in range(self.opts.vms):
+            rec = VMRecord(slot)
+            self.report.vms.append(rec)
+            t = threading.Thread(target=self._slot, args=(rec,), name=f"vmtool-vm{slot}", daemon=True)
+            threads.append(t)
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.5)
+        except KeyboardInterrupt:
+            self.terminate()
+            for t in threads:
+                t.join(60)
+        return self.report
+
+    def _slot(self, rec: VMRecord) -> None:
+        bs: Beanstalk | None = None
+        try:
+            bs = Beanstalk(self.opts.address, watch=self.opts.tube)
+            while not self._stop.is_set():
+                again = self._one_vm(rec, bs)
+                if not again:
+                    break
+        except Exception as e:
+            # One slot's failure must not take the others down; it is reported, and a libvirt or
+            # library error that is not a VmtoolError is shown with its type.
+            msg = e.message if isinstance(e, VmtoolError) else f"{type(e).__name__}: {e}"
+            if not isinstance(e, VmtoolError):
+                log.debug("vm slot %d failed", rec.slot, exc_info=True)
+            with self._lock:
+                self.report.errors.append(f"vm slot {rec.slot}: {msg}")
+            log.warning("vm slot %d: %s", rec.slot, msg)
+            self._event("error", slot=rec.slot, message=msg)
+        finally:
+            if bs is not None:
+                bs.close()
+
+    def _one_vm(self, rec: VMRecord, bs: Beanstalk) -> bool:
+        """Boot one VM and feed it items. True: start another VM (this one failed and work remains)."""
+        t0 = time.monotonic()
+        rec.started = rec.started or time.time()
+        self._event("booting", slot=rec.slot)
+        with self.start_vm(rec.slot) as vm:
+            rec.name = vm.name
+            relay = Relay.connect(vm.relay_socket, timeout=60, name=vm.name, alive=vm.alive)
+            try:
+                relay.wait_hello(timeout=self.opts.boot_timeout, alive=self._alive_or_term(vm))
+                rec.boot_s += time.monotonic() - t0
+                self._event("ready", slot=rec.slot, vm=vm.name, boot_s=round(time.monotonic() - t0, 1))
+                again = self._serve(rec, bs, vm, relay)
+                if not again:
+                    relay.stop()
+                    self._wait_off(vm, 30)
+            except _Terminated:
+                rec.end_reason = "terminated"
+                again = False
+            except RelayError as e:
+                # Died while booting: counts against no item; try a new VM unless stopping.
+                log.warning("%s: %s", vm.name, e.message)
+                self._event("vm-failed", slot=rec.slot, vm=vm.name, message=e.message)
+                again = not self._stop.is_set()
+                rec.end_reason = "failed"
+            finally:
+                relay.close()
+                rec.usage = vm.usage()
+                rec.ended = time.time()
+        return again
+
+    def _alive_or_term(self, vm: GuestVM) -> Callable[[], bool]:
+        def alive() -> bool:
+            if self._term.is_set():
+                raise _Terminated()
+            return vm.alive()
+
+        return alive
+
+    @staticmethod
+    def _wait_off(vm: GuestVM, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while vm.alive() and time.monotonic() < end:
+            time.sleep(0.2)
+
+    def _serve(self, rec: VMRecord, bs: Beanstalk, vm: GuestVM, relay: Relay) -> bool:
+        idle_since = time.monotonic()
+        while True:
+            if self._stop.is_set():
+                rec.end_reason = "terminated" if self._term.is_set() else "stopped"
+                return False
+            if not vm.alive():
+                raise RelayError(f"{vm.name}: the VM stopped")
+            if time.monotonic() - idle_since > self.opts.idle_timeout:
+                self._event("idle", slot=rec.slot, vm=vm.name)
+                rec.end_reason = "idle"
+                return False
+            if not self._claim():
+                rec.end_reason = "max-items"
+                return False
+            try:
+                job = self._reserve(bs, 1)
+            except BaseException:
+                self._unclaim()
+                raise
+            if job is None:
+                self._unclaim()
+                relay.ping()
+                continue
+            t_item = time.monotonic()
+            try:
+                self._handle(rec, bs, vm, relay, job)
+            except _VMFailed:
+                rec.busy_s += time.monotonic() - t_item
+                rec.end_reason = "failed"
+                return not self._stop.is_set()
+            rec.busy_s += time.monotonic() - t_item
+            idle_since = time.monotonic()
+
+    def _reserve(self, bs: Beanstalk, timeout: int) -> Any:
+        try:
+            return bs.reserve(timeout=timeout)
+        except QueueError as e:
+            log.warning("%s; reconnecting", e.message)
+            self._event("reconnecting", message=e.message)
+            bs.reconnect(deadline=120)
+            return None
+
+    def _retrying(self, bs: Beanstalk, what: str, fn: Callable[[], Any]) -> Any:
+        """Run a queue call, reconnecting (beanstalkd restarted) and retrying for up to 2 minutes."""
+        end = time.monotonic() + 120
+        while True:
+            try:
+                return fn()
+            except QueueError as e:
+                if time.monotonic() > end:
+                    raise
+                log.warning("%s failed (%s); reconnecting", what, e.message)
+                self._event("reconnecting", message=e.message)
+                bs.reconnect(deadline=max(1.0, end - time.monotonic()))
+
+    def _bury(self, bs: Beanstalk, job_id: int, item_id: str | None, reason: str, attempts: int) -> None:
+        note = json.dumps({"job": job_id, "item_id": item_id, "reason": reason[:1000], "attempts": attempts,
+                           "tube": self.opts.tube, "at": time.time()}).encode()
+        self._retrying(bs, "note", lambda: bs.put(note, tube=reasons_tube(self.opts.tube), ttr=60))
+        self._retrying(bs, "bury", lambda: bs.bury(job_id))
+        with self._lock:
+            self.report.buried += 1
+        log.warning("buried job %d (item %s): %s", job_id, item_id, reason)
+        self._event("buried", job=job_id, item=item_id, reason=reason)
+
+    def _handle(self, rec: VMRecord, bs: Beanstalk, vm: GuestVM, relay: Relay, job: Any) -> None:
+        try:
+            item = parse_item(job.body)
+        except ItemError as e:
+            self._bury(bs, job.id, None, f"malformed item: {e.message}", 0)
+            return
+        st = self._retrying(bs, "stats-job", lambda: bs.stats_job(job.id)) or {}
+        ttr = int(st.get("ttr", 60))
+        # Reservations of this job that ended without a result or a polite release: its VM or worker
+        # died or its TTR ran out. Plus failed attempts recorded in the body by earlier re-puts.
+        lost = max(0, int(st.get("reserves", 1)) - 1 - int(st.get("releases", 0)))
+        attempts_before = item.attempts + lost
+        if attempts_before >= self.opts.max_attempts:
+            why = item.last_error or "its VM or worker died or its TTR expired"
+            self._bury(bs, job.id, item.id, f"failed {attempts_before} times; last: {why}", attempts_before)
+            return
+        attempt = attempts_before + 1
+        self._event("item", slot=rec.slot, vm=vm.name, item=item.id, attempt=attempt)
+        t0 = time.monotonic()
+        try:
+            inputs = fetch_inputs(item)
+        except ItemError as e:
+            self._finish(bs, job.id, Result(item.id, "error", None, vm=vm.name, attempt=attempt, error=e.message))
+            return
+        touch_every = max(0.5, min(ttr / 3.0, 10.0))
+        last_touch = time.monotonic()
+
+        def tick() -> None:
+            nonlocal last_touch
+            if self._term.is_set():
+                raise _Terminated()
+            if time.monotonic() - last_touch >= touch_every:
+                last_touch = time.monotonic()
+                try:
+                    bs.touch(job.id)
+                except QueueError as e:
+                    # beanstalkd went away: the item comes back after its restart; carry on.
+                    log.warning("touch failed: %s", e.message)
+                    try:
+                        bs.reconnect(deadline=1)
+                    except QueueError:
+                        pass
+
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+        try:
+            g = relay.run(seq, job_script(item, inputs), timeout_s=item.timeout_s,
+                          max_output=item.max_output, tick=tick)
+        except _Terminated:
+            self._retrying(bs, "release", lambda: bs.release(job.id))
+            with self._lock:
+                self.report.released += 1
+            self._event("released", item=item.id)
+            raise
+        except RelayError as e:
+            rec.failed_items += 1
+            err = f"{vm.name}: {e.message}"
+            retry = Item(item.id, item.cmd, item.inputs, item.timeout_s, item.max_output, attempt, err[:500])
+            self._retrying(bs, "re-put", lambda: bs.put(retry.encode(), tube=self.opts.tube,
+                                                          ttr=ttr, delay=self.opts.retry_delay))
+            self._retrying(bs, "delete", lambda: bs.delete(job.id))
+            with self._lock:
+                self.report.retried += 1
+            self._event("retry", slot=rec.slot, vm=vm.name, item=item.id, message=e.message)
+            raise _VMFailed() from None
+        took = time.monotonic() - t0
+        timed_out = g.exit in (124, 143) and g.guest_seconds >= item.timeout_s - 1
+        status = "timeout" if timed_out else ("ok" if g.exit == 0 else "failed")
+        import base64
+
+        res = Result(
+            item.id, status, g.exit, stdout=g.stdout.decode("utf-8", "replace"),
+            stderr=g.stderr.decode("utf-8", "replace"),
+            outputs={k: base64.b64encode(v).decode() for k, v in g.outputs.items()},
+            vm=vm.name, duration_s=took, attempt=attempt,
+        )
+        self._finish(bs, job.id, res)
+        rec.items += 1
+
+    def _finish(self, bs: Beanstalk, job_id: int, res: Result) -> None:
+        body = res.encode()
+        self._retrying(bs, "put result", lambda: bs.put(body, tube=results_tube(self.opts.tube), ttr=60))
+        if not self._retrying(bs, "delete", lambda: bs.delete(job_id)):
+            # Lost the reservation (TTR ran out or beanstalkd restarted): the item may run again; its
+            # duplicate result is dropped by readers (results are keyed by item id).
+            log.warning("job %d was no longer ours when deleting it", job_id)
+        with self._lock:
+            self.report.done += 1
+        self._event("result", item=res.id, status=res.status, exit=res.exit, vm=res.vm,
+                    duration_s=round(res.duration_s, 2))
+
+
+def iter_lines(report: WorkerReport) -> Iterator[str]:
+    """The per-VM usage table for people."""
+    yield f"{'vm':<28} {'items':>5} {'failed':>6} {'boot s':>7} {'busy s':>7} {'wall s':>7} {'cpu s':>7} {'peak MiB':>8}  end"
+    for v in report.vms:
+        d = v.to_dict()
+        cpu = d.get("cpu_seconds")
+        mem = d.get("peak_memory_bytes")
+        yield (
+            f"{(d['vm'] or '-'):<28} {d['items']:>5} {d['failed_items']:>6} {d['boot_s']:>7.1f} {d['busy_s']:>7.1f}"
+            f" {d['wall_s']:>7.1f} {(f'{cpu:.1f}' if isinstance(cpu, (int, float)) else '-'):>7}"
+            f" {(f'{mem / 1048576:.0f}' if isinstance(mem, (int, float)) and mem else '-'):>8}  {d['end']}"
+        )

@@ -1,0 +1,216 @@
+"""Stage a base image as a qcow2 overlay: fetch once per node (under a lock), overlay per job.
+
+A warm stage never reads the base: the source's identity is looked up in the cache index (or the
+base is found by its --sha256 alone), and the overlay is made with `qemu-img create -u` and an
+explicit size and backing format, which does not open the base at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmtool.errors import OutputExists, StageError, TransferFailed
+from vmtool.fsutil import atomic_path, os_error
+from vmtool.log import Progress
+from vmtool.run import run
+from vmtool.stage.cache import Cache, key_hash
+from vmtool.stage.fetch import Sink, fetch, identity
+from vmtool.stage.inspect import check_base
+from vmtool.stage.sources import Source
+
+
+@dataclass
+class StageResult:
+    overlay: Path
+    base: Path
+    sha256: str
+    format: str
+    virtual_size: int
+    cache_hit: bool
+    fetched_bytes: int
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "overlay": os.fspath(self.overlay),
+            "base": os.fspath(self.base),
+            "sha256": self.sha256,
+            "format": self.format,
+            "virtual_size": self.virtual_size,
+            "cache_hit": self.cache_hit,
+            "fetched_bytes": self.fetched_bytes,
+            "source": self.source,
+        }
+
+
+@dataclass
+class _Base:
+    sha256: str
+    format: str
+    virtual_size: int
+    hit: bool
+    fetched: int
+
+
+def default_name(src: Source) -> str:
+    stem = src.basename
+    for ext in (".qcow2", ".img", ".raw", ".ext4", ".iso", ".disk"):
+        if stem.lower().endswith(ext) and len(stem) > len(ext):
+            stem = stem[: -len(ext)]
+            break
+    return stem + ".qcow2"
+
+
+def check_name(name: str) -> str:
+    if not name or name in (".", "..") or "/" in name or "\x00" in name or any(ord(c) < 32 for c in name):
+        raise StageError(f"invalid overlay name {name!r}", hint="give a plain file name with --name")
+    return name
+
+
+def stage(
+    src: Source, into: str | os.PathLike[str], cache: Cache, *, name: str | None = None, force: bool = False,
+    deadline: float | None = None, progress: bool = True,
+) -> StageResult:
+    name = check_name(name or default_name(src))
+    into_p = Path(os.path.abspath(into))
+    try:
+        into_p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, f"cannot create {into_p}") from None
+    dest = into_p / name
+    if (dest.exists() or dest.is_symlink()) and not force:
+        raise OutputExists(f"{dest} already exists", hint="remove it or choose another --name")
+    for _attempt in range(3):
+        b = _resolve_base(src, cache, deadline=deadline, progress=progress)
+        with cache.lock(f"base-{b.sha256}", shared=True):
+            base = cache.base_path(b.sha256, b.format)
+            if not base.exists():
+                continue  # pruned between fetch and now: fetch again
+            _make_overlay(base, b.format, b.virtual_size, dest)
+            cache.add_ref(b.sha256, dest)
+            cache.touch(b.sha256)
+        return StageResult(overlay=dest, base=base, sha256=b.sha256, format=b.format, virtual_size=b.virtual_size,
+                           cache_hit=b.hit, fetched_bytes=b.fetched, source=src.text)
+    raise StageError(f"the cached base for {src.text} keeps disappearing", hint="is a prune running in a loop?")
+
+
+def _from_meta(cache: Cache, sha: str, fmt: str) -> int:
+    vsize = int(cache.meta(sha).get("virtual_size") or 0)
+    if vsize <= 0:  # meta lost: the base was verified when it entered the cache, read its size
+        from vmtool.stage.inspect import qemu_img_info
+
+        vsize = int(qemu_img_info(cache.base_path(sha, fmt), fmt, what="cached base").get("virtual-size") or 0)
+    return vsize
+
+
+def _resolve_base(src: Source, cache: Cache, *, deadline: float | None, progress: bool) -> _Base:
+    if src.sha256:
+        found = cache.find_base(src.sha256)
+        if found and (src.format is None or found[1] == src.format):
+            return _Base(src.sha256, found[1], _from_meta(cache, src.sha256, found[1]), True, 0)
+    ident = identity(src)
+    hit = _index_hit(src, cache, ident)
+    if hit:
+        return hit
+    owner = key_hash(ident)
+    with cache.lock(f"src-{owner}"):
+        hit = _index_hit(src, cache, ident)  # another stager fetched it while we waited
+        if hit:
+            return hit
+        cache.clean_tmp_for(owner)
+        return _fetch_into_cache(src, cache, ident, owner, deadline=deadline, progress=progress)
+
+
+def _index_hit(src: Source, cache: Cache, ident: str) -> _Base | None:
+    e = cache.index_get(ident)
+    if not e:
+        return None
+    sha, fmt = str(e.get("sha256", "")), str(e.get("format", ""))
+    if not cache.base_path(sha, fmt).exists():
+        return None
+    if src.sha256 and sha != src.sha256:
+        raise TransferFailed(
+            f"checksum mismatch for {src.text}: expected sha256 {src.sha256}, the source has {sha}",
+            error_type="Specification", server=src.server, hint="check --sha256, or the source changed",
+        )
+    if src.format and fmt != src.format:
+        raise StageError(f"{src.text} is a {fmt} image, not {src.format}", hint="check --format")
+    return _Base(sha, fmt, _from_meta(cache, sha, fmt), True, 0)
+
+
+def _fetch_into_cache(
+    src: Source, cache: Cache, ident: str, owner: str, *, deadline: float | None, progress: bool,
+) -> _Base:
+    tmp = cache.root / "tmp" / f"{owner}.{os.getpid()}.part"
+    bar = Progress(f"fetching {src.basename}") if progress else None
+    try:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise os_error(e, f"cannot write in cache {cache.root}") from None
+        with os.fdopen(fd, "wb") as f:
+            sink = Sink(f, bar, deadline)
+            fetched = fetch(src, sink)
+            try:
+                sha = sink.finish()
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise TransferFailed("no space left in the cache while fetching", failure_type="NoSpace",
+                                         hint="free space (vmtool cache prune) or use another --cache") from None
+                raise os_error(e, "cannot write the fetched image") from None
+        if bar is not None:
+            bar.close()
+        if src.sha256 and sha != src.sha256:
+            raise TransferFailed(
+                f"checksum mismatch for {src.text}: expected sha256 {src.sha256}, got {sha}",
+                error_type="Specification", server=src.server,
+                hint="the image is corrupt or not the one you meant; check --sha256",
+            )
+        info = check_base(tmp, src.format, what=src.text)
+        os.chmod(tmp, 0o444)
+        base = cache.base_path(sha, info.format)
+        meta = cache.meta(sha)
+        sources = list(meta.get("sources") or [])
+        if src.text not in sources:
+            sources.append(src.text)
+        cache.write_meta(sha, {
+            "sha256": sha, "format": info.format, "size": sink.size, "virtual_size": info.virtual_size,
+            "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sources": sources[-20:],
+        })
+        if base.exists():
+            tmp.unlink()
+        else:
+            os.rename(tmp, base)
+            _fsync_dir(base.parent)
+        cache.index_put(ident, {"sha256": sha, "format": info.format, "source": src.text})
+        return _Base(sha, info.format, info.virtual_size, False, fetched)
+    except BaseException:
+        if bar is not None:
+            bar.close("failed")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_overlay(base: Path, fmt: str, vsize: int, dest: Path) -> None:
+    # -u: do not open the base (it was verified on entry to the cache); size and format are explicit.
+    try:
+        with atomic_path(dest, mode=0o644) as tmp:
+            run(["qemu-img", "create", "-q", "-u", "-f", "qcow2", "-F", fmt, "-b", os.fspath(base),
+                 os.fspath(tmp), str(vsize)], timeout=60)
+    except OSError as e:
+        raise os_error(e, f"cannot write {dest}") from None
