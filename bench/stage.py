@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 from vmtool.run import DEVNULL, PIPE, run, spawn  # noqa: E402
 
 GiB = 1 << 30
-WARM_RUNS = int(os.environ.get("BENCH_WARM_RUNS", "21"))
-COLD_SIZE = int(os.environ.get("BENCH_COLD_GIB", "4")) * GiB
+WARM_RUNS = int(os.environ.get("BENCH_WARM_RUNS", "15"))
+COLD_SIZE = int(os.environ.get("BENCH_COLD_GIB", "6")) * GiB
 STAGERS = 32
 
 
@@ -60,8 +60,21 @@ def sparse_disk(path: Path, size: int) -> Path:
 
 
 def stage_argv(src: str, into: Path, name: str, cache: Path) -> list[str]:
-    return [sys.executable, "-m", "vmtool", "stage", src, "--format", "raw", "--into", str(into), "--name", name,
-            "--cache", str(cache)]
+    return [
+        sys.executable,
+        "-m",
+        "vmtool",
+        "stage",
+        src,
+        "--format",
+        "raw",
+        "--into",
+        str(into),
+        "--name",
+        name,
+        "--cache",
+        str(cache),
+    ]
 
 
 # Like an installed vmtool, the stagers run from compiled bytecode (kept out of the work tree).
@@ -122,7 +135,9 @@ class Server:
 
 
 def main() -> int:
-    work = Path(tempfile.mkdtemp(prefix="vmtool-bench-stage.", dir=os.environ.get("VMTOOL_BENCH_DIR", "/var/tmp")))
+    work = Path(
+        tempfile.mkdtemp(prefix="vmtool-bench-stage.", dir=os.environ.get("VMTOOL_BENCH_DIR", "/var/tmp"))
+    )
     ok = True
     ENV["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
     try:
@@ -147,8 +162,10 @@ def main() -> int:
             tcp.append(timed(["cp", "--sparse=always", str(b1), str(dst)]))
             dst.unlink()
         mcp = statistics.median(tcp)
-        print(f"stage warm: 1 GiB median {m1:.3f} s / cp --sparse=always of the 1 GiB base median {mcp:.3f} s"
-              f" = {m1 / mcp:.2f}")
+        print(
+            f"stage warm: 1 GiB median {m1:.3f} s / cp --sparse=always of the 1 GiB base median {mcp:.3f} s"
+            f" = {m1 / mcp:.2f}"
+        )
 
         www = work / "www"
         www.mkdir()
@@ -157,17 +174,31 @@ def main() -> int:
         try:
             url = f"http://127.0.0.1:{srv.port}/cold.img"
             ones, manys, gets, failed = [], [], [], 0
-            for rnd, kind in enumerate(("one", "many", "many", "one")):  # ABBA: cancels drift in machine load
+            for rnd, kind in enumerate(
+                ("one", "many", "many", "one")
+            ):  # ABBA: cancels drift in machine load
                 if kind == "one":
                     t0 = time.perf_counter()
-                    run(stage_argv(url, work / f"one{rnd}", "one.qcow2", work / f"cache-one{rnd}"), cwd=ROOT, env=ENV)
+                    run(
+                        stage_argv(url, work / f"one{rnd}", "one.qcow2", work / f"cache-one{rnd}"),
+                        cwd=ROOT,
+                        env=ENV,
+                    )
                     ones.append(time.perf_counter() - t0)
                     continue
                 srv.gets.clear()
                 cache_many = work / f"cache-many{rnd}"
                 t0 = time.perf_counter()
-                procs = [spawn(stage_argv(url, work / f"many{rnd}", f"vm{i}.qcow2", cache_many), cwd=ROOT, env=ENV,
-                               stdout=DEVNULL, stderr=PIPE) for i in range(STAGERS)]
+                procs = [
+                    spawn(
+                        stage_argv(url, work / f"many{rnd}", f"vm{i}.qcow2", cache_many),
+                        cwd=ROOT,
+                        env=ENV,
+                        stdout=DEVNULL,
+                        stderr=PIPE,
+                    )
+                    for i in range(STAGERS)
+                ]
                 for p in procs:
                     _, err = p.communicate()
                     if p.returncode != 0:
@@ -181,9 +212,11 @@ def main() -> int:
         t_one, t_many = statistics.mean(ones), statistics.mean(manys)
         r = t_many / t_one
         ok &= r <= 1.3 and set(gets) == {1} and failed == 0
-        print(f"stage cold: {STAGERS} stagers at once over http, {COLD_SIZE // GiB} GiB base, mean {t_many:.2f} s"
-              f" / 1 stager alone mean {t_one:.2f} s = {r:.2f} (limit 1.3); GETs of the image per round:"
-              f" {', '.join(map(str, gets))} (must be 1); failed stagers: {failed}")
+        print(
+            f"stage cold: {STAGERS} stagers at once over http, {COLD_SIZE // GiB} GiB base, mean {t_many:.2f} s"
+            f" / 1 stager alone mean {t_one:.2f} s = {r:.2f} (limit 1.3); GETs of the image per round:"
+            f" {', '.join(map(str, gets))} (must be 1); failed stagers: {failed}"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1

@@ -35,8 +35,28 @@ def debugfs_cat(img: Path, path: str) -> bytes:
     return run(["debugfs", "-R", f"cat {path}", os.fspath(img)]).stdout
 
 
-def check_ext_output(out: Path, m: dict[str, Any], facts: dict[str, Any], *, label: str = "cloudimg-rootfs") -> None:
+def same_files(rootfs: Path, tree: Path, work: Path) -> None:
+    """Every regular file of the tree the disk was made from is in the rootfs, byte for byte."""
+    dump = work / "rdump"
+    dump.mkdir()
+    run(["debugfs", "-R", f"rdump / {dump}", os.fspath(rootfs)])
+    checked = 0
+    for dirpath, _dirs, names in os.walk(tree):
+        for name in names:
+            src = Path(dirpath) / name
+            rel = src.relative_to(tree)
+            if src.is_symlink() or not src.is_file() or str(rel) == "etc/fstab":
+                continue
+            assert (dump / rel).read_bytes() == src.read_bytes(), rel
+            checked += 1
+    assert checked > 3
+
+
+def check_ext_output(out: Path, m: dict[str, Any], facts: dict[str, Any], *, label: str = "cloudimg-rootfs",
+                     tree: Path | None = None) -> None:
     rootfs = out / m["rootfs"]["path"]
+    if tree is not None and m["rootfs"]["format"] == "raw":
+        same_files(rootfs, tree, out.parent)
     assert m["rootfs"]["fstype"] == facts["fstype"]
     assert run(["e2label", os.fspath(rootfs)]).stdout.decode().strip() == label
     assert m["rootfs"]["label"] == label
@@ -111,7 +131,7 @@ def test_build_layouts(layout: dict[str, Any], guest_tree_dir: Path, tmp_path: P
                        capsys: pytest.CaptureFixture[str]) -> None:
     facts = make_whole_disk(tmp_path / "disk.raw", tree=guest_tree_dir, **layout)
     m = build(capsys, str(tmp_path / "disk.raw"), "-o", str(tmp_path / "out"))
-    check_ext_output(tmp_path / "out", m, facts)
+    check_ext_output(tmp_path / "out", m, facts, tree=guest_tree_dir)
     want_root = f"/dev/{facts['vg']}/lv_root" if layout["root"] == "lvm" else f"/dev/sda{facts['root']['partition']}"
     assert m["build"]["root"] == want_root
     assert (m["build"]["boot"] is None) == (layout["boot"] == "dir")

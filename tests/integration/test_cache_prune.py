@@ -30,15 +30,21 @@ def make_bases(tmp_path: Path, n: int) -> list[Path]:
     return out
 
 
-def test_list_and_prune_lru_keeps_live_overlays(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_list_and_prune_lru_keeps_live_overlays(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cache, jobs = tmp_path / "cache", tmp_path / "jobs"
     srcs = make_bases(tmp_path, 4)
     shas = []
     for i, src in enumerate(srcs):
-        rc, res, err = vm(capsys, "stage", os.fspath(src), "--into", os.fspath(jobs / f"j{i}"), "--cache",
-                          os.fspath(cache), "--json")
+        rc, res, err = vm(
+            capsys,
+            "stage",
+            os.fspath(src),
+            "--into",
+            os.fspath(jobs / f"j{i}"),
+            "--cache",
+            os.fspath(cache),
+            "--json",
+        )
         assert rc == 0, err
         shas.append(res["sha256"])
         # Make the use order explicit and far apart: base i was last used 4 - i hours ago.
@@ -59,8 +65,9 @@ def test_list_and_prune_lru_keeps_live_overlays(
     ovl2.unlink()
     run(["qemu-img", "create", "-q", "-f", "qcow2", os.fspath(ovl2), "1M"])
     # --older-than removes only old unused bases: 0 (4 h) and 1 (3 h), not 2 (2 h, now unused).
-    rc, res, _ = vm(capsys, "cache", "prune", "--older-than", "150m", "--dry-run", "--cache", os.fspath(cache),
-                    "--json")
+    rc, res, _ = vm(
+        capsys, "cache", "prune", "--older-than", "150m", "--dry-run", "--cache", os.fspath(cache), "--json"
+    )
     assert [b["sha256"] for b in res["removed"]] == shas[:2]
     assert len(list((cache / "bases").glob("*.qcow2"))) == 4  # dry run
     rc, res, _ = vm(capsys, "cache", "prune", "--older-than", "150m", "--cache", os.fspath(cache), "--json")
@@ -70,12 +77,23 @@ def test_list_and_prune_lru_keeps_live_overlays(
     rc, res, _ = vm(capsys, "cache", "prune", "--max-size", "1", "--cache", os.fspath(cache), "--json")
     assert [b["sha256"] for b in res["removed"]] == [shas[2]]
     assert [b["sha256"] for b in res["kept"]] == [shas[3]]
-    assert sorted(p.name for p in (cache / "bases").iterdir()) == sorted([f"{shas[3]}.qcow2", f"{shas[3]}.json"])
+    assert sorted(p.name for p in (cache / "bases").iterdir()) == sorted(
+        [f"{shas[3]}.qcow2", f"{shas[3]}.json"]
+    )
     assert list((cache / "index").iterdir()) and all(
-        json.loads(p.read_text())["sha256"] == shas[3] for p in (cache / "index").iterdir())
+        json.loads(p.read_text())["sha256"] == shas[3] for p in (cache / "index").iterdir()
+    )
     # A pruned base is fetched again on the next stage.
-    rc, res, err = vm(capsys, "stage", os.fspath(srcs[0]), "--into", os.fspath(jobs / "j0"), "--cache",
-                      os.fspath(cache), "--json")
+    rc, res, err = vm(
+        capsys,
+        "stage",
+        os.fspath(srcs[0]),
+        "--into",
+        os.fspath(jobs / "j0"),
+        "--cache",
+        os.fspath(cache),
+        "--json",
+    )
     assert rc == 0 and not res["cache_hit"], err
 
 
@@ -84,7 +102,10 @@ def test_prune_cleans_dead_fetchers_tmp_and_text_output(
 ) -> None:
     cache = tmp_path / "cache"
     (src,) = make_bases(tmp_path, 1)
-    assert main(["stage", os.fspath(src), "--into", os.fspath(tmp_path / "j"), "--cache", os.fspath(cache)]) == 0
+    assert (
+        main(["stage", os.fspath(src), "--into", os.fspath(tmp_path / "j"), "--cache", os.fspath(cache)])
+        == 0
+    )
     stale = cache / "tmp" / f"{'0' * 64}.123.part"
     stale.write_bytes(b"partial")
     capsys.readouterr()
@@ -100,7 +121,9 @@ def test_prune_cleans_dead_fetchers_tmp_and_text_output(
 def test_prune_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, err = vm(capsys, "cache", "prune", "--max-size", "lots", "--cache", os.fspath(tmp_path / "c"))
     assert rc == 1 and "not a size" in err and "hint:" in err
-    rc, _, err = vm(capsys, "cache", "prune", "--older-than", "yesterday", "--cache", os.fspath(tmp_path / "c"))
+    rc, _, err = vm(
+        capsys, "cache", "prune", "--older-than", "yesterday", "--cache", os.fspath(tmp_path / "c")
+    )
     assert rc == 1 and "not an age" in err
     rc, _, err = vm(capsys, "cache")
     assert rc == 2
@@ -117,7 +140,9 @@ def test_cache_default_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert default_cache_dir() == expected
 
 
-def test_group_writable_cache_stays_group_writable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_group_writable_cache_stays_group_writable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import stat
 
     cache = tmp_path / "cache"
@@ -126,8 +151,16 @@ def test_group_writable_cache_stays_group_writable(tmp_path: Path, capsys: pytes
     (src,) = make_bases(tmp_path, 1)
     old = os.umask(0o022)
     try:
-        rc, res, err = vm(capsys, "stage", os.fspath(src), "--into", os.fspath(tmp_path / "j"), "--cache",
-                          os.fspath(cache), "--json")
+        rc, res, err = vm(
+            capsys,
+            "stage",
+            os.fspath(src),
+            "--into",
+            os.fspath(tmp_path / "j"),
+            "--cache",
+            os.fspath(cache),
+            "--json",
+        )
     finally:
         os.umask(old)
     assert rc == 0, err

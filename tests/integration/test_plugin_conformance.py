@@ -42,11 +42,25 @@ class Job:
     def outfile(self) -> Path:
         return self.sandbox / ".vmtool_plugin.out"
 
-    def run(self, infile_text: str, *extra: str, timeout: float = 120) -> tuple[int, list[dict[str, Any]], str]:
+    def run(
+        self, infile_text: str, *extra: str, timeout: float = 120
+    ) -> tuple[int, list[dict[str, Any]], str]:
         self.infile.write_text(infile_text)
         self.outfile.write_bytes(b" " * PREALLOC)
-        proc = run([os.fspath(PLUGIN), "-infile", os.fspath(self.infile), "-outfile", os.fspath(self.outfile),
-                    *extra], env=self.env, check=False, timeout=timeout, cwd=self.sandbox)
+        proc = run(
+            [
+                os.fspath(PLUGIN),
+                "-infile",
+                os.fspath(self.infile),
+                "-outfile",
+                os.fspath(self.outfile),
+                *extra,
+            ],
+            env=self.env,
+            check=False,
+            timeout=timeout,
+            cwd=self.sandbox,
+        )
         return proc.returncode, self.ads(), proc.stderr.decode()
 
     def ads(self) -> list[dict[str, Any]]:
@@ -97,7 +111,14 @@ def assert_failure_ad(ad: dict[str, Any], url: str, local: str) -> None:
     ted = ad["TransferErrorData"]
     assert len(ted) == 1
     e = dict(ted[0])
-    assert e["ErrorType"] in ("Parameter", "Resolution", "Contact", "Authorization", "Specification", "Transfer")
+    assert e["ErrorType"] in (
+        "Parameter",
+        "Resolution",
+        "Contact",
+        "Authorization",
+        "Specification",
+        "Transfer",
+    )
     assert isinstance(e["ErrorCode"], int) and e["ErrorString"]
 
 
@@ -129,8 +150,9 @@ def test_v1_query() -> None:
 def test_v2_download_two_files(job: Job, store: HttpServer) -> None:
     s = job.sandbox
     u1, u2 = vurl(store, "base.qcow2"), vurl(store, "seed.iso")
-    text = (f'[ LocalFileName = "{s}/base.qcow2"; Url = "{u1}" ]'
-            f'[ Url = "{u2}"; LocalFileName = "{s}/seed.iso" ]')
+    text = (
+        f'[ LocalFileName = "{s}/base.qcow2"; Url = "{u1}" ][ Url = "{u2}"; LocalFileName = "{s}/seed.iso" ]'
+    )
     assert "\n" not in text
     rc, ads, err = job.run(text)
     assert rc == 0, err
@@ -153,8 +175,10 @@ def test_v2_input_variants(variant: str, job: Job, store: HttpServer) -> None:
     text = {
         "newlines": f"{a1}\n\n{a2}\n",
         "lowercase": f'[ localfilename = "{s}/base.qcow2"; url = "{u1}" ] [ URL = "{u2}"; LOCALFILENAME = "{s}/seed.iso" ]',
-        "unknown-attr": (f'[ LocalFileName = "{s}/base.qcow2"; PluginData = [ foo = "bar" ]; Url = "{u1}";'
-                         f' vmimage_PluginData = [ x = strcat("a", "b") ]; Retries = 3 + 1 ]{a2}'),
+        "unknown-attr": (
+            f'[ LocalFileName = "{s}/base.qcow2"; PluginData = [ foo = "bar" ]; Url = "{u1}";'
+            f' vmimage_PluginData = [ x = strcat("a", "b") ]; Retries = 3 + 1 ]{a2}'
+        ),
         "v4-nonfile-ad": f'[ PluginData = [ a = 1 ] ][ Protocol = "vmimage"; vmimage_PluginData = [ b = 2 ] ]{a1}{a2}',
         "list-form": f"{{ {a1}, {a2} }}",
     }[variant]
@@ -172,8 +196,10 @@ def test_v2_input_variants(variant: str, job: Job, store: HttpServer) -> None:
 def test_v3_one_good_one_missing(job: Job, store: HttpServer) -> None:
     s = job.sandbox
     good, bad = vurl(store, "base.qcow2"), vurl(store, "missing.qcow2")
-    rc, ads, err = job.run(f'[ LocalFileName = "{s}/base.qcow2"; Url = "{good}" ]'
-                           f'[ LocalFileName = "{s}/missing.qcow2"; Url = "{bad}" ]')
+    rc, ads, err = job.run(
+        f'[ LocalFileName = "{s}/base.qcow2"; Url = "{good}" ]'
+        f'[ LocalFileName = "{s}/missing.qcow2"; Url = "{bad}" ]'
+    )
     assert rc == 1
     assert len(ads) == 2
     by_url = {a["TransferUrl"]: a for a in ads}
@@ -182,8 +208,12 @@ def test_v3_one_good_one_missing(job: Job, store: HttpServer) -> None:
     assert_failure_ad(f, bad, f"{s}/missing.qcow2")
     assert f["TransferType"] == "download" and f["TransferProtocol"] == "http+vmimage"
     e = dict(f["TransferErrorData"][0])
-    assert e == {"ErrorType": "Specification", "FailedServer": "127.0.0.1", "ErrorCode": 404,
-                 "ErrorString": "not found"}
+    assert e == {
+        "ErrorType": "Specification",
+        "FailedServer": "127.0.0.1",
+        "ErrorCode": 404,
+        "ErrorString": "not found",
+    }
     assert "404" in f["TransferError"]
     assert job.user_files() == ["base.qcow2"]
 
@@ -198,8 +228,11 @@ def test_v4_upload(job: Job, store: HttpServer) -> None:
     u1 = f"http+vmimage://127.0.0.1:{store.port}/up/out1.qcow2"
     u2 = f"http+vmimage://127.0.0.1:{store.port}/up/out2.log"
     u3 = f"http+vmimage://127.0.0.1:{store.port}/up/gone"
-    rc, ads, err = job.run(f'[ LocalFileName = "{s}/out1.qcow2"; Url = "{u1}" ][ Url = "{u2}"; '
-                           f'LocalFileName = "{s}/out2.log" ]', "-upload")
+    rc, ads, err = job.run(
+        f'[ LocalFileName = "{s}/out1.qcow2"; Url = "{u1}" ][ Url = "{u2}"; '
+        f'LocalFileName = "{s}/out2.log" ]',
+        "-upload",
+    )
     assert rc == 0, err
     assert len(ads) == 2
     for ad in ads:
@@ -233,14 +266,39 @@ def test_v5_malformed_infile_still_writes_an_ad(job: Job) -> None:
         assert "TransferUrl" in ads[0] and "TransferFileName" in ads[0]
     # An unreadable infile too.
     job.outfile.write_bytes(b" " * PREALLOC)
-    proc = run([os.fspath(PLUGIN), "-infile", os.fspath(job.sandbox / "nope.in"), "-outfile",
-                os.fspath(job.outfile)], env=job.env, check=False)
+    proc = run(
+        [
+            os.fspath(PLUGIN),
+            "-infile",
+            os.fspath(job.sandbox / "nope.in"),
+            "-outfile",
+            os.fspath(job.outfile),
+        ],
+        env=job.env,
+        check=False,
+    )
     assert proc.returncode == 1 and job.ads()[0]["TransferSuccess"] is False
 
 
-@pytest.mark.parametrize("case", ["scheme", "unreachable", "404", "checksum", "not-image", "backing", "escape",
-                                  "escape-nfs", "relative-escape", "cache-unwritable"])
-def test_bad_inputs_give_failure_ads(case: str, job: Job, store: HttpServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "case",
+    [
+        "scheme",
+        "unreachable",
+        "404",
+        "checksum",
+        "not-image",
+        "backing",
+        "escape",
+        "escape-nfs",
+        "relative-escape",
+        "cache-unwritable",
+        "disk-full",
+    ],
+)
+def test_bad_inputs_give_failure_ads(
+    case: str, job: Job, store: HttpServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     s = job.sandbox
     local = f"{s}/disk.qcow2"
     sha_wrong = "ab" * 32
@@ -255,7 +313,9 @@ def test_bad_inputs_give_failure_ads(case: str, job: Job, store: HttpServer, tmp
         "escape-nfs": f"nfs://{store.root}/images/base.qcow2:../../escaped.qcow2",
         "relative-escape": vurl(store, "base.qcow2"),
         "cache-unwritable": vurl(store, "base.qcow2"),
+        "disk-full": vurl(store, "big.img"),
     }[case]
+    expect_type = None
     if case == "escape":
         local = os.fspath(tmp_path / "escaped.qcow2")
     if case == "relative-escape":
@@ -263,10 +323,23 @@ def test_bad_inputs_give_failure_ads(case: str, job: Job, store: HttpServer, tmp
     if case == "cache-unwritable":
         (tmp_path / "afile").write_text("")
         job.env["VMTOOL_CACHE"] = os.fspath(tmp_path / "afile" / "cache")
+    if case == "disk-full":
+        with open(store.root / "images" / "big.img", "wb") as f:  # 8 MiB of data, MBR-signed
+            f.write(os.urandom(8 << 20))
+            f.seek(510)
+            f.write(b"\x55\xaa")
+        job.cache = request.getfixturevalue("tmpfs")("size=4m") / "cache"
+        job.env["VMTOOL_CACHE"] = os.fspath(job.cache)
+        expect_type = ("Transfer", "NoSpace")
+    if case == "404":
+        expect_type = ("Specification", None)
     rc, ads, err = job.run(f'[ LocalFileName = "{local}"; Url = "{url}" ]')
     assert rc == 1 and "Traceback" not in err
     assert len(ads) == 1
     assert_failure_ad(ads[0], url, local)
+    if expect_type:
+        ted = dict(ads[0]["TransferErrorData"][0])
+        assert (ted["ErrorType"], ted.get("FailureType")) == expect_type
     assert job.user_files() == []
     assert not list(tmp_path.rglob("escaped.qcow2"))
     if (job.cache / "bases").is_dir():
@@ -304,7 +377,9 @@ def test_time_bound_and_sigterm_still_write_ads(job: Job, store: HttpServer) -> 
     s = job.sandbox
     store.slow["/images/seed.iso"] = 0.2  # 8 MiB at 64 KiB per 0.2 s: far longer than the bound
     u1, u2 = vurl(store, "seed.iso"), vurl(store, "base.qcow2")
-    text = f'[ LocalFileName = "{s}/seed.iso"; Url = "{u1}" ][ LocalFileName = "{s}/base.qcow2"; Url = "{u2}" ]'
+    text = (
+        f'[ LocalFileName = "{s}/seed.iso"; Url = "{u1}" ][ LocalFileName = "{s}/base.qcow2"; Url = "{u2}" ]'
+    )
     job.env["VMTOOL_PLUGIN_TIMEOUT"] = "1.5"
     t0 = time.monotonic()
     rc, ads, err = job.run(text, timeout=60)
@@ -319,8 +394,12 @@ def test_time_bound_and_sigterm_still_write_ads(job: Job, store: HttpServer) -> 
     job.infile.write_text(text)
     job.outfile.write_bytes(b" " * PREALLOC)
     env = dict(os.environ, **job.env)
-    p = spawn([os.fspath(PLUGIN), "-infile", os.fspath(job.infile), "-outfile", os.fspath(job.outfile)],
-              env=env, stdout=PIPE, stderr=PIPE)
+    p = spawn(
+        [os.fspath(PLUGIN), "-infile", os.fspath(job.infile), "-outfile", os.fspath(job.outfile)],
+        env=env,
+        stdout=PIPE,
+        stderr=PIPE,
+    )
     deadline = time.monotonic() + 30
     while store.gets["/images/seed.iso"] < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -342,7 +421,9 @@ def test_v6_escaping_through_the_writer(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.write_bytes(b" " * PREALLOC)
     msg = 'a"b\\c\nd'
-    ResultWriter(os.fspath(out)).write([failure_ad("vmimage:///x", "/s/x", False, time.time(), ValueError(msg))])
+    ResultWriter(os.fspath(out)).write(
+        [failure_ad("vmimage:///x", "/s/x", False, time.time(), ValueError(msg))]
+    )
     text = out.read_text()
     assert '\\"b\\\\c\\nd' in text
     ad = dict(classad2.parseAds(text).__next__())
@@ -356,18 +437,27 @@ def test_v6_escaping_through_the_writer(tmp_path: Path) -> None:
 def test_s3_and_sftp_transports(job: Job, stage_images: StageImages, moto_s3: Any, sshd: Any) -> None:
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=moto_s3.endpoint, **{
-        "aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"})
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=moto_s3.endpoint,
+        **{"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"},
+    )
     s3.create_bucket(Bucket="vmimages")
     s3.upload_file(os.fspath(stage_images.qcow2), "vmimages", "debian/base.qcow2")
     shutil.copy(stage_images.raw_ext4, sshd.root / "seed.img")
-    job.env.update(moto_s3.env, AWS_ENDPOINT_URL=moto_s3.endpoint, VMTOOL_SSH_KEY=os.fspath(sshd.key),
-                   VMTOOL_KNOWN_HOSTS=os.fspath(sshd.known_hosts))
+    job.env.update(
+        moto_s3.env,
+        AWS_ENDPOINT_URL=moto_s3.endpoint,
+        VMTOOL_SSH_KEY=os.fspath(sshd.key),
+        VMTOOL_KNOWN_HOSTS=os.fspath(sshd.known_hosts),
+    )
     s = job.sandbox
     u1 = "s3+vmimage://vmimages/debian/base.qcow2"
     u2 = f"sftp+vmimage://{sshd.user}@127.0.0.1:{sshd.port}{sshd.root}/seed.img"
-    rc, ads, err = job.run(f'[ LocalFileName = "{s}/base.qcow2"; Url = "{u1}" ]'
-                           f'[ LocalFileName = "{s}/seed.qcow2"; Url = "{u2}" ]')
+    rc, ads, err = job.run(
+        f'[ LocalFileName = "{s}/base.qcow2"; Url = "{u1}" ]'
+        f'[ LocalFileName = "{s}/seed.qcow2"; Url = "{u2}" ]'
+    )
     assert rc == 0, err
     for ad in ads:
         assert_success_ad(ad, ad["TransferUrl"], ad["TransferFileName"])
@@ -376,8 +466,11 @@ def test_s3_and_sftp_transports(job: Job, stage_images: StageImages, moto_s3: An
     (s / "result.bin").write_bytes(b"result" * 1000)
     u3 = "s3+vmimage://vmimages/out/result.bin"
     u4 = f"sftp+vmimage://{sshd.user}@127.0.0.1:{sshd.port}{sshd.root}/result.bin"
-    rc, ads, err = job.run(f'[ LocalFileName = "{s}/result.bin"; Url = "{u3}" ]'
-                           f'[ LocalFileName = "{s}/result.bin"; Url = "{u4}" ]', "-upload")
+    rc, ads, err = job.run(
+        f'[ LocalFileName = "{s}/result.bin"; Url = "{u3}" ]'
+        f'[ LocalFileName = "{s}/result.bin"; Url = "{u4}" ]',
+        "-upload",
+    )
     assert rc == 0, err
     assert s3.get_object(Bucket="vmimages", Key="out/result.bin")["Body"].read() == b"result" * 1000
     assert (sshd.root / "result.bin").read_bytes() == b"result" * 1000
@@ -392,8 +485,9 @@ def test_a_crash_inside_still_writes_failure_ads(job: Job, tmp_path: Path, store
     job.env["PYTHONPATH"] = os.fspath(tmp_path / "fakelibs")
     s = job.sandbox
     u1, u2 = "s3+vmimage://bucket/base.qcow2", vurl(store, "base.qcow2")
-    rc, ads, err = job.run(f'[ LocalFileName = "{s}/a.qcow2"; Url = "{u1}" ][ LocalFileName = "{s}/b.qcow2"; '
-                           f'Url = "{u2}" ]')
+    rc, ads, err = job.run(
+        f'[ LocalFileName = "{s}/a.qcow2"; Url = "{u1}" ][ LocalFileName = "{s}/b.qcow2"; Url = "{u2}" ]'
+    )
     assert rc == 1 and len(ads) == 2
     by_url = {a["TransferUrl"]: a for a in ads}
     assert_failure_ad(by_url[u1], u1, f"{s}/a.qcow2")
@@ -412,13 +506,49 @@ def test_startup_test_url_without_scratch_dir(tmp_path: Path, stage_images: Stag
     url = f"vmimage://{stage_images.qcow2}"
     infile.write_text(f'[ LocalFileName = "{tmpdir}/test.qcow2"; Url = "{url}" ]')
     env = {"VMTOOL_CACHE": os.fspath(tmp_path / "cache"), "_CONDOR_SCRATCH_DIR": ""}
-    proc = run([os.fspath(PLUGIN), "-infile", os.fspath(infile), "-outfile", os.fspath(outfile)], env=env,
-               check=False, cwd="/")
+    proc = run(
+        [os.fspath(PLUGIN), "-infile", os.fspath(infile), "-outfile", os.fspath(outfile)],
+        env=env,
+        check=False,
+        cwd="/",
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     (ad,) = [dict(a) for a in classad2.parseAds(outfile.read_text())]
     assert_success_ad(ad, url, f"{tmpdir}/test.qcow2")
     # ... but still nowhere else.
     infile.write_text(f'[ LocalFileName = "{tmp_path}/elsewhere.qcow2"; Url = "{url}" ]')
-    proc = run([os.fspath(PLUGIN), "-infile", os.fspath(infile), "-outfile", os.fspath(outfile)], env=env,
-               check=False, cwd="/")
+    proc = run(
+        [os.fspath(PLUGIN), "-infile", os.fspath(infile), "-outfile", os.fspath(outfile)],
+        env=env,
+        check=False,
+        cwd="/",
+    )
     assert proc.returncode == 1 and not (tmp_path / "elsewhere.qcow2").exists()
+
+
+def test_upload_flattens_staged_overlays_and_refuses_foreign_backing(
+    job: Job, store: HttpServer, stage_images: StageImages, tmp_path: Path
+) -> None:
+    s = job.sandbox
+    url = f"vmimage://{stage_images.qcow2}"
+    rc, _, err = job.run(f'[ LocalFileName = "{s}/disk.qcow2"; Url = "{url}" ]')
+    assert rc == 0, err
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", os.fspath(s / "disk.qcow2")])
+    up = f"http+vmimage://127.0.0.1:{store.port}/out/disk.qcow2"
+    rc, ads, err = job.run(f'[ LocalFileName = "{s}/disk.qcow2"; Url = "{up}" ]', "-upload")
+    assert rc == 0, err
+    assert_success_ad(ads[0], up, f"{s}/disk.qcow2", "upload")
+    got = tmp_path / "uploaded.qcow2"
+    got.write_bytes(store.uploads["/out/disk.qcow2"])
+    info = run(["qemu-img", "info", "--output=json", os.fspath(got)]).stdout.decode()
+    assert "backing-filename" not in info
+    run(["qemu-img", "compare", "-q", os.fspath(got), os.fspath(s / "disk.qcow2")])
+    assert job.user_files() == ["disk.qcow2"]  # the flattened temporary copy is gone
+    # An overlay whose header names a host file is not read, whatever the job wrote into it.
+    shutil.copy(stage_images.backing_qcow2, s / "evil.qcow2")
+    up2 = f"http+vmimage://127.0.0.1:{store.port}/out/evil.qcow2"
+    rc, ads, _ = job.run(f'[ LocalFileName = "{s}/evil.qcow2"; Url = "{up2}" ]', "-upload")
+    assert rc == 1
+    assert_failure_ad(ads[0], up2, f"{s}/evil.qcow2")
+    assert "not a base in vmtool's cache" in ads[0]["TransferError"]
+    assert "/out/evil.qcow2" not in store.uploads

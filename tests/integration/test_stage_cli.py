@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,9 @@ def vm(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 
 def info(path: Path) -> dict[str, object]:
-    data: dict[str, object] = json.loads(run(["qemu-img", "info", "--output=json", "-U", os.fspath(path)]).stdout)
+    data: dict[str, object] = json.loads(
+        run(["qemu-img", "info", "--output=json", "-U", os.fspath(path)]).stdout
+    )
     return data
 
 
@@ -37,16 +39,23 @@ def assert_clean_failure(rc: int, err: str, cache: Path, into: Path) -> None:
         assert [p.name for p in (cache / "bases").iterdir()] == []
     if (cache / "tmp").is_dir():
         assert list((cache / "tmp").iterdir()) == []
-    if into.is_dir():
-        assert [p.name for p in into.iterdir()] == []
+    assert not into.exists()  # not even an empty DIR
 
 
 def test_stage_qcow2_makes_overlay_with_explicit_backing_format(
     tmp_path: Path, stage_images: StageImages, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cache, into = tmp_path / "cache", tmp_path / "job"
-    rc, out, err = vm(capsys, "stage", os.fspath(stage_images.qcow2), "--into", os.fspath(into),
-                      "--cache", os.fspath(cache), "--json")
+    rc, out, err = vm(
+        capsys,
+        "stage",
+        os.fspath(stage_images.qcow2),
+        "--into",
+        os.fspath(into),
+        "--cache",
+        os.fspath(cache),
+        "--json",
+    )
     assert rc == 0, err
     res = json.loads(out)
     ovl = into / "base.qcow2"
@@ -70,23 +79,56 @@ def test_warm_stage_reuses_cache_without_fetching(
     cache, into = tmp_path / "cache", tmp_path / "job"
     src = tmp_path / "src.qcow2"
     shutil.copy(stage_images.qcow2, src)
-    rc, out, _ = vm(capsys, "stage", os.fspath(src), "--into", os.fspath(into), "--cache", os.fspath(cache), "--json")
+    rc, out, _ = vm(
+        capsys, "stage", os.fspath(src), "--into", os.fspath(into), "--cache", os.fspath(cache), "--json"
+    )
     first = json.loads(out)
-    rc, out, err = vm(capsys, "stage", os.fspath(src), "--into", os.fspath(into), "--name", "second.qcow2",
-                      "--cache", os.fspath(cache), "--json")
+    rc, out, err = vm(
+        capsys,
+        "stage",
+        os.fspath(src),
+        "--into",
+        os.fspath(into),
+        "--name",
+        "second.qcow2",
+        "--cache",
+        os.fspath(cache),
+        "--json",
+    )
     assert rc == 0, err
     second = json.loads(out)
     assert second["cache_hit"] and second["fetched_bytes"] == 0 and second["sha256"] == first["sha256"]
     # With --sha256 the base is found by content alone: the source need not even exist any more.
     src.unlink()
-    rc, out, err = vm(capsys, "stage", os.fspath(src), "--sha256", first["sha256"], "--into", os.fspath(into),
-                      "--name", "third.qcow2", "--cache", os.fspath(cache), "--json")
+    rc, out, err = vm(
+        capsys,
+        "stage",
+        os.fspath(src),
+        "--sha256",
+        first["sha256"],
+        "--into",
+        os.fspath(into),
+        "--name",
+        "third.qcow2",
+        "--cache",
+        os.fspath(cache),
+        "--json",
+    )
     assert rc == 0, err
     assert json.loads(out)["cache_hit"]
     assert len(list((cache / "bases").glob("*.qcow2"))) == 1
     # Existing overlays are not replaced silently.
-    rc, _, err = vm(capsys, "stage", os.fspath(stage_images.qcow2), "--into", os.fspath(into), "--name",
-                    "third.qcow2", "--cache", os.fspath(cache))
+    rc, _, err = vm(
+        capsys,
+        "stage",
+        os.fspath(stage_images.qcow2),
+        "--into",
+        os.fspath(into),
+        "--name",
+        "third.qcow2",
+        "--cache",
+        os.fspath(cache),
+    )
     assert rc != 0 and "already exists" in err
 
 
@@ -96,21 +138,43 @@ def test_changed_source_is_fetched_again(
     cache, into = tmp_path / "cache", tmp_path / "job"
     src = tmp_path / "disk.img"
     shutil.copy(stage_images.raw_ext4, src)
-    rc, out, _ = vm(capsys, "stage", os.fspath(src), "--into", os.fspath(into), "--cache", os.fspath(cache), "--json")
+    rc, out, _ = vm(
+        capsys, "stage", os.fspath(src), "--into", os.fspath(into), "--cache", os.fspath(cache), "--json"
+    )
     assert rc == 0 and json.loads(out)["format"] == "raw"
     with open(src, "r+b") as f:
         f.seek(4 << 20)
         f.write(b"changed")
-    rc, out, _ = vm(capsys, "stage", os.fspath(src), "--into", os.fspath(into), "--name", "b.qcow2",
-                    "--cache", os.fspath(cache), "--json")
+    rc, out, _ = vm(
+        capsys,
+        "stage",
+        os.fspath(src),
+        "--into",
+        os.fspath(into),
+        "--name",
+        "b.qcow2",
+        "--cache",
+        os.fspath(cache),
+        "--json",
+    )
     assert rc == 0 and not json.loads(out)["cache_hit"]
     assert len(list((cache / "bases").glob("*.raw"))) == 2
 
 
-def test_raw_base_and_file_url(tmp_path: Path, stage_images: StageImages, capsys: pytest.CaptureFixture[str]) -> None:
+def test_raw_base_and_file_url(
+    tmp_path: Path, stage_images: StageImages, capsys: pytest.CaptureFixture[str]
+) -> None:
     cache, into = tmp_path / "cache", tmp_path / "job"
-    rc, out, err = vm(capsys, "stage", f"file://{stage_images.raw_ext4}", "--into", os.fspath(into),
-                      "--cache", os.fspath(cache), "--json")
+    rc, out, err = vm(
+        capsys,
+        "stage",
+        f"file://{stage_images.raw_ext4}",
+        "--into",
+        os.fspath(into),
+        "--cache",
+        os.fspath(cache),
+        "--json",
+    )
     assert rc == 0, err
     res = json.loads(out)
     assert res["format"] == "raw" and res["overlay"].endswith("/root.qcow2")
@@ -120,7 +184,9 @@ def test_raw_base_and_file_url(tmp_path: Path, stage_images: StageImages, capsys
     assert base.stat().st_blocks * 512 <= stage_images.raw_ext4.stat().st_blocks * 512 + (1 << 20)
 
 
-def test_manifest_source(tmp_path: Path, stage_images: StageImages, capsys: pytest.CaptureFixture[str]) -> None:
+def test_manifest_source(
+    tmp_path: Path, stage_images: StageImages, capsys: pytest.CaptureFixture[str]
+) -> None:
     from vmtool.manifest import BootFile, Manifest, RootfsInfo, SourceInfo
     from vmtool.stage.fetch import Sink
 
@@ -134,16 +200,34 @@ def test_manifest_source(tmp_path: Path, stage_images: StageImages, capsys: pyte
     size = (out_dir / "root.img").stat().st_size
     man = Manifest(
         source=SourceInfo(path="src.qcow2", format="qcow2", size=1, sha256="0" * 64),
-        rootfs=RootfsInfo(path="root.img", format="raw", fstype="ext4", label="root", uuid="u", virtual_size=size,
-                          allocated_size=size, sha256=sha),
+        rootfs=RootfsInfo(
+            path="root.img",
+            format="raw",
+            fstype="ext4",
+            label="root",
+            uuid="u",
+            virtual_size=size,
+            allocated_size=size,
+            sha256=sha,
+        ),
         kernel=BootFile(path="vmlinuz", version="6.1", sha256="0" * 64),
         initrd=BootFile(path="initrd.img", version="6.1", sha256="0" * 64),
-        cmdline="root=LABEL=root", fstab_before=None, fstab_after="LABEL=root / ext4 defaults 0 1\n",
+        cmdline="root=LABEL=root",
+        fstab_before=None,
+        fstab_after="LABEL=root / ext4 defaults 0 1\n",
     )
     man.save(out_dir / "manifest.json")
     cache, into = tmp_path / "cache", tmp_path / "job"
-    rc, out, err = vm(capsys, "stage", os.fspath(out_dir / "manifest.json"), "--into", os.fspath(into),
-                      "--cache", os.fspath(cache), "--json")
+    rc, out, err = vm(
+        capsys,
+        "stage",
+        os.fspath(out_dir / "manifest.json"),
+        "--into",
+        os.fspath(into),
+        "--cache",
+        os.fspath(cache),
+        "--json",
+    )
     assert rc == 0, err
     res = json.loads(out)
     assert res["sha256"] == sha and res["format"] == "raw" and res["overlay"].endswith("/root.qcow2")
@@ -151,8 +235,15 @@ def test_manifest_source(tmp_path: Path, stage_images: StageImages, capsys: pyte
     man.rootfs.sha256 = "1" * 64
     man.save(out_dir / "manifest.json")
     cache2 = tmp_path / "cache2"
-    rc, _, err = vm(capsys, "stage", os.fspath(out_dir / "manifest.json"), "--into", os.fspath(tmp_path / "j2"),
-                    "--cache", os.fspath(cache2))
+    rc, _, err = vm(
+        capsys,
+        "stage",
+        os.fspath(out_dir / "manifest.json"),
+        "--into",
+        os.fspath(tmp_path / "j2"),
+        "--cache",
+        os.fspath(cache2),
+    )
     assert_clean_failure(rc, err, cache2, tmp_path / "j2")
     assert "checksum mismatch" in err
 
@@ -201,55 +292,62 @@ def test_missing_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert rc == 1 and "not a sha256" in err
 
 
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    mounted: list[Path] = []
-
-    def mount(opts: str) -> Path:
-        run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", os.fspath(mnt)])
-        mounted.append(mnt)
-        return mnt
-
-    yield mount  # type: ignore[misc]
-    for m in mounted:
-        run(["umount", os.fspath(m)], check=False)
-
-
-def test_cache_not_writable(tmp_path: Path, stage_images: StageImages, tmpfs: object,
-                            capsys: pytest.CaptureFixture[str]) -> None:
-    mnt = tmpfs("ro,size=1m")  # type: ignore[operator]
+def test_cache_not_writable(
+    tmp_path: Path,
+    stage_images: StageImages,
+    tmpfs: Callable[[str], Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    mnt = tmpfs("ro,size=1m")
     into = tmp_path / "job"
-    rc, _, err = vm(capsys, "stage", os.fspath(stage_images.qcow2), "--into", os.fspath(into),
-                    "--cache", os.fspath(mnt / "cache"))
+    rc, _, err = vm(
+        capsys,
+        "stage",
+        os.fspath(stage_images.qcow2),
+        "--into",
+        os.fspath(into),
+        "--cache",
+        os.fspath(mnt / "cache"),
+    )
     assert_clean_failure(rc, err, mnt / "cache", into)
     assert "not writable" in err and "--cache" in err
 
 
-def test_disk_full_during_fetch(tmp_path: Path, tmpfs: object, capsys: pytest.CaptureFixture[str]) -> None:
-    mnt = tmpfs("size=4m")  # type: ignore[operator]
+def test_disk_full_during_fetch(
+    tmp_path: Path, tmpfs: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    mnt = tmpfs("size=4m")
     big = tmp_path / "big.img"
     with open(big, "wb") as f:  # an MBR-signed raw disk with 8 MiB of non-zero data
         f.write(os.urandom(8 << 20))
         f.seek(510)
         f.write(b"\x55\xaa")
     into = tmp_path / "job"
-    rc, _, err = vm(capsys, "stage", os.fspath(big), "--into", os.fspath(into), "--cache", os.fspath(mnt / "c"))
+    rc, _, err = vm(
+        capsys, "stage", os.fspath(big), "--into", os.fspath(into), "--cache", os.fspath(mnt / "c")
+    )
     assert_clean_failure(rc, err, mnt / "c", into)
     assert "no space left" in err
     assert os.statvfs(mnt).f_bfree * os.statvfs(mnt).f_frsize > 3 << 20  # the partial file is gone
 
 
-def test_manifest_from_vmtool_build(tmp_path: Path, default_build: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_manifest_from_vmtool_build(
+    tmp_path: Path, default_build: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from vmtool.manifest import load
 
     man = load(default_build / "manifest.json")
     cache, into = tmp_path / "cache", tmp_path / "job"
-    rc, out, err = vm(capsys, "stage", os.fspath(default_build / "manifest.json"), "--into", os.fspath(into),
-                      "--cache", os.fspath(cache), "--json")
+    rc, out, err = vm(
+        capsys,
+        "stage",
+        os.fspath(default_build / "manifest.json"),
+        "--into",
+        os.fspath(into),
+        "--cache",
+        os.fspath(cache),
+        "--json",
+    )
     assert rc == 0, err
     res = json.loads(out)
     assert res["sha256"] == man.rootfs.sha256 and res["format"] == man.rootfs.format

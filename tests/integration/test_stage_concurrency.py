@@ -19,26 +19,48 @@ pytestmark = pytest.mark.integration
 
 
 def stager(url: str, into: Path, name: str, cache: Path) -> Popen[bytes]:
-    return spawn([sys.executable, "-m", "vmtool", "stage", url, "--into", os.fspath(into), "--name", name,
-                  "--cache", os.fspath(cache), "--json"], stdout=PIPE, stderr=PIPE)
+    return spawn(
+        [
+            sys.executable,
+            "-m",
+            "vmtool",
+            "stage",
+            url,
+            "--into",
+            os.fspath(into),
+            "--name",
+            name,
+            "--cache",
+            os.fspath(cache),
+            "--json",
+        ],
+        stdout=PIPE,
+        stderr=PIPE,
+    )
 
 
 def test_many_stagers_one_fetch(tmp_path: Path, stage_images: StageImages, http_server: HttpServer) -> None:
-    shutil.copy(stage_images.qcow2, http_server.root / "base.qcow2")
-    http_server.slow["/base.qcow2"] = 0.002  # long enough that the stagers really overlap
+    shutil.copy(stage_images.raw_ext4, http_server.root / "root.img")
+    http_server.slow["/root.img"] = 0.04  # 8 MiB in 64 KiB steps: the fetch lasts about 5 s
     cache, into = tmp_path / "cache", tmp_path / "job"
-    url = http_server.url("base.qcow2")
+    url = http_server.url("root.img")
     procs = [stager(url, into, f"vm{i}.qcow2", cache) for i in range(8)]
+    deadline = time.monotonic() + 60
+    while http_server.heads["/root.img"] < 8 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # Every stager has asked for the base while it is still being fetched: they wait on the lock.
+    assert http_server.heads["/root.img"] == 8
+    assert all(p.poll() is None for p in procs)
     results = []
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()
         results.append(json.loads(out))
-    assert http_server.gets["/base.qcow2"] == 1
+    assert http_server.gets["/root.img"] == 1
     assert len({r["sha256"] for r in results}) == 1
     assert sum(1 for r in results if not r["cache_hit"]) == 1
     assert sorted(p.name for p in into.iterdir()) == sorted(f"vm{i}.qcow2" for i in range(8))
-    assert len(list((cache / "bases").glob("*.qcow2"))) == 1
+    assert len(list((cache / "bases").glob("*.raw"))) == 1
     assert list((cache / "tmp").iterdir()) == []
 
 

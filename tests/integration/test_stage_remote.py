@@ -37,15 +37,37 @@ def test_http_fetch_once_then_warm(
     assert rc == 0, err
     first = json.loads(out)
     assert first["fetched_bytes"] == stage_images.qcow2.stat().st_size
-    rc, out, err = vm(capsys, "stage", url, "--into", os.fspath(into), "--name", "two.qcow2",
-                      "--cache", os.fspath(cache), "--json")
+    rc, out, err = vm(
+        capsys,
+        "stage",
+        url,
+        "--into",
+        os.fspath(into),
+        "--name",
+        "two.qcow2",
+        "--cache",
+        os.fspath(cache),
+        "--json",
+    )
     assert rc == 0, err
     assert json.loads(out)["cache_hit"]
     assert http_server.gets["/base.qcow2"] == 1
     # With the checksum given, a warm stage needs no request at all.
     heads = http_server.heads["/base.qcow2"]
-    rc, out, err = vm(capsys, "stage", url, "--sha256", first["sha256"], "--into", os.fspath(into), "--name",
-                      "three.qcow2", "--cache", os.fspath(cache), "--json")
+    rc, out, err = vm(
+        capsys,
+        "stage",
+        url,
+        "--sha256",
+        first["sha256"],
+        "--into",
+        os.fspath(into),
+        "--name",
+        "three.qcow2",
+        "--cache",
+        os.fspath(cache),
+        "--json",
+    )
     assert rc == 0, err
     assert http_server.heads["/base.qcow2"] == heads and http_server.gets["/base.qcow2"] == 1
 
@@ -54,13 +76,27 @@ def test_http_404_and_unreachable(
     tmp_path: Path, http_server: HttpServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cache, into = tmp_path / "cache", tmp_path / "job"
-    rc, _, err = vm(capsys, "stage", http_server.url("missing.qcow2"), "--into", os.fspath(into),
-                    "--cache", os.fspath(cache))
+    rc, _, err = vm(
+        capsys,
+        "stage",
+        http_server.url("missing.qcow2"),
+        "--into",
+        os.fspath(into),
+        "--cache",
+        os.fspath(cache),
+    )
     assert rc == 1 and "not found (HTTP 404)" in err and "hint:" in err and "Traceback" not in err
     nothing_left(cache, into)
     port = free_port()  # nothing listens there
-    rc, _, err = vm(capsys, "stage", f"http://127.0.0.1:{port}/base.qcow2", "--into", os.fspath(into),
-                    "--cache", os.fspath(cache))
+    rc, _, err = vm(
+        capsys,
+        "stage",
+        f"http://127.0.0.1:{port}/base.qcow2",
+        "--into",
+        os.fspath(into),
+        "--cache",
+        os.fspath(cache),
+    )
     assert rc == 1 and "cannot reach 127.0.0.1" in err and "hint:" in err
     nothing_left(cache, into)
 
@@ -70,8 +106,15 @@ def test_http_html_page_is_not_an_image(
 ) -> None:
     (http_server.root / "index.html").write_text("<html><body>Welcome</body></html>\n")
     cache, into = tmp_path / "cache", tmp_path / "job"
-    rc, _, err = vm(capsys, "stage", http_server.url("index.html"), "--into", os.fspath(into),
-                    "--cache", os.fspath(cache))
+    rc, _, err = vm(
+        capsys,
+        "stage",
+        http_server.url("index.html"),
+        "--into",
+        os.fspath(into),
+        "--cache",
+        os.fspath(cache),
+    )
     assert rc == 1 and "not a disk image" in err
     nothing_left(cache, into)
 
@@ -93,16 +136,43 @@ def test_s3_source(
     s3.create_bucket(Bucket="images")
     s3.upload_file(os.fspath(stage_images.qcow2), "images", "v1/base.qcow2")
     cache, into = tmp_path / "cache", tmp_path / "job"
-    rc, out, err = vm(capsys, "stage", "s3://images/v1/base.qcow2", "--into", os.fspath(into),
-                      "--cache", os.fspath(cache), "--json")
+    rc, out, err = vm(
+        capsys,
+        "stage",
+        "s3://images/v1/base.qcow2",
+        "--into",
+        os.fspath(into),
+        "--cache",
+        os.fspath(cache),
+        "--json",
+    )
     assert rc == 0, err
     res = json.loads(out)
     assert res["format"] == "qcow2" and Path(res["overlay"]).name == "base.qcow2"
-    rc, out, _ = vm(capsys, "stage", "s3://images/v1/base.qcow2", "--into", os.fspath(into), "--name", "b.qcow2",
-                    "--endpoint-url", s3_env.endpoint, "--cache", os.fspath(cache), "--json")
+    rc, out, _ = vm(
+        capsys,
+        "stage",
+        "s3://images/v1/base.qcow2",
+        "--into",
+        os.fspath(into),
+        "--name",
+        "b.qcow2",
+        "--endpoint-url",
+        s3_env.endpoint,
+        "--cache",
+        os.fspath(cache),
+        "--json",
+    )
     assert rc == 0 and json.loads(out)["cache_hit"]
-    rc, _, err = vm(capsys, "stage", "s3://images/v1/missing.qcow2", "--into", os.fspath(tmp_path / "j2"),
-                    "--cache", os.fspath(tmp_path / "c2"))
+    rc, _, err = vm(
+        capsys,
+        "stage",
+        "s3://images/v1/missing.qcow2",
+        "--into",
+        os.fspath(tmp_path / "j2"),
+        "--cache",
+        os.fspath(tmp_path / "c2"),
+    )
     assert rc == 1 and "not found" in err and "Traceback" not in err
     nothing_left(tmp_path / "c2", tmp_path / "j2")
 
@@ -115,7 +185,10 @@ def ssh_env(sshd: SshServer, monkeypatch: pytest.MonkeyPatch) -> SshServer:
 
 
 def test_sftp_source_checks_host_keys(
-    tmp_path: Path, stage_images: StageImages, ssh_env: SshServer, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    stage_images: StageImages,
+    ssh_env: SshServer,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     shutil.copy(stage_images.qcow2, ssh_env.root / "base.qcow2")
@@ -134,32 +207,68 @@ def test_sftp_source_checks_host_keys(
     assert rc == 1 and "not in known_hosts" in err and "--accept-new-host-key" in err
     nothing_left(c2, j2)
     # ... unless asked, and then it is recorded.
-    rc, _, err = vm(capsys, "stage", url, "--accept-new-host-key", "--into", os.fspath(j2), "--cache", os.fspath(c2))
+    rc, _, err = vm(
+        capsys, "stage", url, "--accept-new-host-key", "--into", os.fspath(j2), "--cache", os.fspath(c2)
+    )
     assert rc == 0, err
     assert "127.0.0.1" in empty.read_text()
     # A key that does not match known_hosts is an error even with --accept-new-host-key.
     parts = ssh_env.known_hosts.read_text().split()
     fake = "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
     empty.write_text(f"{parts[0]} ssh-ed25519 {fake}\n")
-    rc, _, err = vm(capsys, "stage", url, "--accept-new-host-key", "--into", os.fspath(j2), "--name", "x.qcow2",
-                    "--cache", os.fspath(tmp_path / "c3"))
+    rc, _, err = vm(
+        capsys,
+        "stage",
+        url,
+        "--accept-new-host-key",
+        "--into",
+        os.fspath(j2),
+        "--name",
+        "x.qcow2",
+        "--cache",
+        os.fspath(tmp_path / "c3"),
+    )
     assert rc == 1 and "does not match" in err
     monkeypatch.setenv("VMTOOL_KNOWN_HOSTS", os.fspath(ssh_env.known_hosts))
-    rc, _, err = vm(capsys, "stage", url.replace("base.qcow2", "missing.qcow2"), "--into", os.fspath(tmp_path / "j4"),
-                    "--cache", os.fspath(tmp_path / "c4"))
+    rc, _, err = vm(
+        capsys,
+        "stage",
+        url.replace("base.qcow2", "missing.qcow2"),
+        "--into",
+        os.fspath(tmp_path / "j4"),
+        "--cache",
+        os.fspath(tmp_path / "c4"),
+    )
     assert rc == 1 and "no such file" in err
     nothing_left(tmp_path / "c4", tmp_path / "j4")
 
 
 def test_progress_on_a_terminal_only(
-    tmp_path: Path, stage_images: StageImages, http_server: HttpServer, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    stage_images: StageImages,
+    http_server: HttpServer,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     shutil.copy(stage_images.qcow2, http_server.root / "base.qcow2")
-    rc, _, err = vm(capsys, "stage", http_server.url("base.qcow2"), "--into", os.fspath(tmp_path / "a"),
-                    "--cache", os.fspath(tmp_path / "c1"))
+    rc, _, err = vm(
+        capsys,
+        "stage",
+        http_server.url("base.qcow2"),
+        "--into",
+        os.fspath(tmp_path / "a"),
+        "--cache",
+        os.fspath(tmp_path / "c1"),
+    )
     assert rc == 0 and err == ""  # not a TTY: quiet
     monkeypatch.setenv("VMTOOL_PROGRESS", "1")  # as if stderr were a terminal
-    rc, _, err = vm(capsys, "stage", http_server.url("base.qcow2"), "--into", os.fspath(tmp_path / "b"),
-                    "--cache", os.fspath(tmp_path / "c2"))
+    rc, _, err = vm(
+        capsys,
+        "stage",
+        http_server.url("base.qcow2"),
+        "--into",
+        os.fspath(tmp_path / "b"),
+        "--cache",
+        os.fspath(tmp_path / "c2"),
+    )
     assert rc == 0 and "fetching base.qcow2" in err and "done" in err

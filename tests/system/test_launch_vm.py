@@ -167,3 +167,24 @@ def test_c_sigterm_during_boot(libvirt_uri: str, guests: dict[str, tuple[Path, P
     assert vm_dir.name not in _domains(libvirt_uri)
     assert fake_slot.children() == []
     assert Path(data["console_log"]).exists()
+
+
+def test_d_sigkill_libvirt_destroys_the_vm(libvirt_uri: str, guests: dict[str, tuple[Path, Path]],
+                                          fake_slot: FakeSlot, tmp_path: Path) -> None:
+    """A hard kill of vmtool (HTCondor's last resort) leaves no VM running: the domain is started with
+    AUTODESTROY, so libvirt destroys it when vmtool's connection goes away."""
+    manifest, img = guests["hello"]
+    ovl = overlay(img, tmp_path / "d.qcow2")
+    proc = _launch_in_slot(fake_slot, ["--manifest", str(manifest), "--disk", str(ovl), "--sandbox", str(tmp_path),
+                                       "--uri", libvirt_uri])
+    vm_dir, pid = _wait_vm_in_slot(fake_slot, proc)
+    proc.kill()
+    proc.communicate(timeout=30)
+    end = time.monotonic() + 20
+    while vm_dir.name in _domains(libvirt_uri) and time.monotonic() < end:
+        time.sleep(0.2)
+    assert vm_dir.name not in _domains(libvirt_uri)
+    end = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < end:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists()

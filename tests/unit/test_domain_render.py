@@ -200,6 +200,25 @@ def test_disks_in_sandbox_kept_and_extra_overlays_added(tmp_path: Path) -> None:
     assert r.memory_mib == 256 and not r.warnings
 
 
+def test_sandbox_qcow2_with_backing_file_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "input.qcow2"
+    header = bytearray(QCOW2_HEADER)
+    header[4:8] = (3).to_bytes(4, "big")
+    header[8:16] = (512).to_bytes(8, "big")  # backing file name at offset 512: any host file
+    bad.write_bytes(bytes(header) + b"/etc/shadow")
+    raw = tmp_path / "data.img"
+    raw.write_bytes(b"\0" * 4096)
+    src = b"""<domain type='qemu'><name>x</name><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='input.qcow2'/><target dev='vdb'/></disk>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='data.img'/><target dev='vdc'/></disk>
+</devices></domain>"""
+    r = render(src, RenderOptions(sandbox=tmp_path), TCG, SLOT)
+    assert "input.qcow2" not in r.xml and any("backing file" in w for w in r.warnings)
+    root = etree.fromstring(r.xml.encode())
+    # the raw file keeps its place with its real format, not the one the XML claimed
+    assert [d.find("driver").get("type") for d in root.findall("devices/disk")] == ["raw"]  # type: ignore[union-attr]
+
+
 def test_symlink_out_of_sandbox_is_caught(tmp_path: Path) -> None:
     (tmp_path / "innocent.img").symlink_to("/etc/hostname")
     src = b"""<domain type='qemu'><name>x</name><devices><disk type='file' device='cdrom'>

@@ -26,7 +26,9 @@ def test_v6_escape() -> None:
     assert dict(classad2.parseOne(f"[ TransferError = {quote(value)} ]"))["TransferError"] == value
 
 
-@pytest.mark.parametrize("value", ["plain", "tab\there", "ctl\x01\x7f", "ünïcødé ✓", "quote \" and \\ end\\", ""])
+@pytest.mark.parametrize(
+    "value", ["plain", "tab\there", "ctl\x01\x7f", "ünïcødé ✓", 'quote " and \\ end\\', ""]
+)
 def test_strings_round_trip_through_classad2(value: str) -> None:
     text = unparse({"S": value, "N": -3, "R": 2.5, "B": True, "L": [1, "x"], "A": {"x": 1}})
     ad = dict(classad2.parseOne(text))
@@ -36,9 +38,11 @@ def test_strings_round_trip_through_classad2(value: str) -> None:
 
 
 def test_starter_input_back_to_back_any_case_and_expressions() -> None:
-    text = ('[ LocalFileName = "/s/a"; Url = "vmimage:///a" ][url="b";LOCALFILENAME="/s/b";'
-            'PluginData = [ foo = strcat("x", MY.y) ]; Odd = (1 + 2) * 3; \'quoted name\' = undefined; ]'
-            '\n  [ PluginData = [ a = 1 ] ]   ')
+    text = (
+        '[ LocalFileName = "/s/a"; Url = "vmimage:///a" ][url="b";LOCALFILENAME="/s/b";'
+        "PluginData = [ foo = strcat(\"x\", MY.y) ]; Odd = (1 + 2) * 3; 'quoted name' = undefined; ]"
+        "\n  [ PluginData = [ a = 1 ] ]   "
+    )
     ads = parse_ads(text)
     assert len(ads) == 3 == len(list(classad2.parseAds(text)))
     assert ads[0]["url"] == "vmimage:///a" and ads[0]["localfilename"] == "/s/a"
@@ -50,12 +54,23 @@ def test_starter_input_back_to_back_any_case_and_expressions() -> None:
 
 
 def test_list_form_and_comments() -> None:
-    ads = parse_ads('/* c */ { [ A = 1 ], // x\n [ B = 0x10; C = 1e3; D = .5; E = false ] }')
+    ads = parse_ads("/* c */ { [ A = 1 ], // x\n [ B = 0x10; C = 1e3; D = .5; E = false ] }")
     assert ads[0]["a"] == 1 and ads[1] == {"b": 16, "c": 1000.0, "d": 0.5, "e": False}
 
 
-@pytest.mark.parametrize("bad", ["This is not a ClassAd!!!", "[ A = ", "[ A = 1", "[ = 1 ]", "[ A = ) ]",
-                                 '[ A = "unterminated ]', "[ A 1 ]", "[ A = 1 ] garbage"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "This is not a ClassAd!!!",
+        "[ A = ",
+        "[ A = 1",
+        "[ = 1 ]",
+        "[ A = ) ]",
+        '[ A = "unterminated ]',
+        "[ A 1 ]",
+        "[ A = 1 ] garbage",
+    ],
+)
 def test_malformed(bad: str) -> None:
     with pytest.raises(ClassAdError):
         parse_ads(bad)
@@ -76,7 +91,14 @@ def test_confine() -> None:
     sb = "/var/lib/condor/execute/dir_1/scratch"
     assert confine(f"{sb}/base.qcow2", sb) == f"{sb}/base.qcow2"
     assert confine("base.qcow2", sb) == f"{sb}/base.qcow2"
-    for bad in (f"{sb}/../x", "/etc/passwd", "../x", f"{sb}/", f"{sb}/sub/../../x", "/var/lib/condor/execute/dir_1/scratchX/y"):
+    for bad in (
+        f"{sb}/../x",
+        "/etc/passwd",
+        "../x",
+        f"{sb}/",
+        f"{sb}/sub/../../x",
+        "/var/lib/condor/execute/dir_1/scratchX/y",
+    ):
         with pytest.raises(Escape):
             confine(bad, sb)
 

@@ -10,7 +10,8 @@ from vmtool.cli.output import add_json_flag, emit
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "stage", help="make a qcow2 overlay of a cached base image (fetched once per node)",
+        "stage",
+        help="make a qcow2 overlay of a cached base image (fetched once per node)",
         description="Fetch SOURCE into the node-local cache (once, verified) and create DIR/NAME, a qcow2 "
         "overlay backed by the cached base. SOURCE: a path, file://, http(s)://, s3://BUCKET/KEY, "
         "sftp://USER@HOST/PATH, vmimage URLs, or a manifest.json from 'vmtool build'.",
@@ -19,13 +20,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--into", required=True, metavar="DIR", help="directory for the overlay")
     p.add_argument("--name", help="overlay file name (default: the source's basename with .qcow2)")
     p.add_argument("--sha256", metavar="HEX", help="expected sha256 of the base image")
-    p.add_argument("--format", choices=("raw", "qcow2"), help="format of the base (default: detect; raw "
-                   "is accepted without --format only when it holds a partition table or filesystem)")
-    p.add_argument("--cache", metavar="DIR", help="cache directory (default: $VMTOOL_CACHE, /var/cache/vmtool "
-                   "for root, else ~/.cache/vmtool)")
+    p.add_argument(
+        "--format",
+        choices=("raw", "qcow2"),
+        help="format of the base (default: detect; raw "
+        "is accepted without --format only when it holds a partition table or filesystem)",
+    )
+    p.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="cache directory (default: $VMTOOL_CACHE, /var/cache/vmtool for root, else ~/.cache/vmtool)",
+    )
     p.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
-    p.add_argument("--accept-new-host-key", action="store_true",
-                   help="sftp: trust and record a host key not yet in known_hosts")
+    p.add_argument(
+        "--accept-new-host-key",
+        action="store_true",
+        help="sftp: trust and record a host key not yet in known_hosts",
+    )
     p.add_argument("--force", action="store_true", help="replace DIR/NAME if it exists")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up fetching after this long")
     add_json_flag(p)
@@ -51,8 +62,13 @@ def _stage(args: argparse.Namespace) -> int:
     from vmtool.stage.sources import parse_source
     from vmtool.stage.stage import stage
 
-    src = parse_source(args.source, endpoint_url=args.endpoint_url, accept_new_host_key=args.accept_new_host_key,
-                       fmt=args.format, sha256=args.sha256)
+    src = parse_source(
+        args.source,
+        endpoint_url=args.endpoint_url,
+        accept_new_host_key=args.accept_new_host_key,
+        fmt=args.format,
+        sha256=args.sha256,
+    )
     cache = Cache.open(args.cache)
     deadline = time.monotonic() + args.timeout if args.timeout else None
     res = stage(src, args.into, cache, name=args.name, force=args.force, deadline=deadline)
@@ -72,8 +88,10 @@ def _list(args: argparse.Namespace) -> int:
     lines = [f"{'SHA256':16} {'FORMAT':6} {'SIZE':>10} {'ON DISK':>10} {'LAST USED':20} LIVE  SOURCE"]
     for e in entries:
         d = e.to_dict()
-        lines.append(f"{e.sha256[:16]} {e.format:6} {_gib(e.size):>10} {_gib(e.allocated):>10} "
-                     f"{d['last_used']:20} {len(e.live_refs):4}  {e.sources[-1] if e.sources else '-'}")
+        lines.append(
+            f"{e.sha256[:16]} {e.format:6} {_gib(e.size):>10} {_gib(e.allocated):>10} "
+            f"{d['last_used']:20} {len(e.live_refs):4}  {e.sources[-1] if e.sources else '-'}"
+        )
     emit(args, {"cache": str(cache.root), "bases": [e.to_dict() for e in entries]}, "\n".join(lines))
     return 0
 
@@ -87,8 +105,17 @@ def _prune(args: argparse.Namespace) -> int:
     removed, kept = cache.prune(max_size=max_size, older_than=older, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     text = [f"{verb} {e.sha256[:16]} ({_gib(e.allocated)} on disk)" for e in removed]
-    text.append(f"{len(removed)} base(s) {verb}, {len(kept)} kept, "
-                f"{_gib(sum(e.allocated for e in kept))} on disk")
-    emit(args, {"cache": str(cache.root), "dry_run": args.dry_run, "removed": [e.to_dict() for e in removed],
-                "kept": [e.to_dict() for e in kept]}, "\n".join(text))
+    text.append(
+        f"{len(removed)} base(s) {verb}, {len(kept)} kept, {_gib(sum(e.allocated for e in kept))} on disk"
+    )
+    emit(
+        args,
+        {
+            "cache": str(cache.root),
+            "dry_run": args.dry_run,
+            "removed": [e.to_dict() for e in removed],
+            "kept": [e.to_dict() for e in kept],
+        },
+        "\n".join(text),
+    )
     return 0

@@ -53,8 +53,19 @@ _TOKEN = re.compile(
     """,
     re.VERBOSE | re.DOTALL,
 )
-_ESC = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", "\\": "\\", '"': '"', "'": "'", "?": "?",
-        "a": "\a", "v": "\v"}
+_ESC = {
+    "n": "\n",
+    "t": "\t",
+    "r": "\r",
+    "b": "\b",
+    "f": "\f",
+    "\\": "\\",
+    '"': '"',
+    "'": "'",
+    "?": "?",
+    "a": "\a",
+    "v": "\v",
+}
 
 
 def _unescape(body: str) -> str:
@@ -68,7 +79,7 @@ def _unescape(body: str) -> str:
             continue
         n = body[i + 1]
         if n in "01234567":
-            m = re.match(r"[0-7]{1,3}", body[i + 1:])
+            m = re.match(r"[0-7]{1,3}", body[i + 1 :])
             assert m is not None
             out.append(chr(int(m.group(0), 8)))
             i += 1 + len(m.group(0))
@@ -78,7 +89,9 @@ def _unescape(body: str) -> str:
     text = "".join(out)
     # Octal escapes carry bytes: re-read any that spell UTF-8.
     try:
-        return text.encode("latin-1").decode("utf-8") if any(0x80 <= ord(ch) < 0x100 for ch in text) else text
+        return (
+            text.encode("latin-1").decode("utf-8") if any(0x80 <= ord(ch) < 0x100 for ch in text) else text
+        )
     except (UnicodeEncodeError, UnicodeDecodeError):
         return text
 
@@ -148,7 +161,9 @@ class _Parser:
             elif name_tok.kind == "qname":
                 name = _unescape(name_tok.text[1:-1])
             else:
-                raise ClassAdError(f"expected an attribute name at offset {name_tok.pos}, found {name_tok.text!r}")
+                raise ClassAdError(
+                    f"expected an attribute name at offset {name_tok.pos}, found {name_tok.text!r}"
+                )
             self.take("=")
             ad[name.lower()] = self.expr(("]", ";"))
             nxt = self.peek()

@@ -76,7 +76,9 @@ def _timeout() -> float:
 def sandbox_dir(infile: str | None = None) -> str:
     """_CONDOR_SCRATCH_DIR; else the directory the starter wrote the -infile in (its IWD, also for
     the <PLUGIN>_TEST_URL check at startup, which runs in a temporary directory); else the cwd."""
-    base = os.environ.get("_CONDOR_SCRATCH_DIR") or (os.path.dirname(os.path.abspath(infile)) if infile else "")
+    base = os.environ.get("_CONDOR_SCRATCH_DIR") or (
+        os.path.dirname(os.path.abspath(infile)) if infile else ""
+    )
     return os.path.realpath(base or os.getcwd())
 
 
@@ -153,6 +155,19 @@ def _base_ad(url: str, local: str, upload: bool, start: float) -> dict[str, obje
 
 
 def failure_ad(url: str, local: str, upload: bool, start: float, err: BaseException) -> dict[str, object]:
+    try:
+        return _failure_ad(url, local, upload, start, err)
+    except Exception:  # an exception too odd to describe must not cost the report itself
+        ad = _base_ad(url, local, upload, start)
+        ad.update(
+            TransferSuccess=False,
+            TransferError=f"transfer failed ({type(err).__name__})",
+            TransferErrorData=[{"ErrorType": "Parameter", "ErrorCode": -1, "ErrorString": type(err).__name__}],
+        )
+        return ad
+
+
+def _failure_ad(url: str, local: str, upload: bool, start: float, err: BaseException) -> dict[str, object]:
     ad = _base_ad(url, local, upload, start)
     end = time.time()
     message, hint = str(err) or type(err).__name__, getattr(err, "hint", None)
@@ -176,14 +191,24 @@ def failure_ad(url: str, local: str, upload: bool, start: float, err: BaseExcept
             elif etype == "Transfer" and failure:
                 ted["FailureType"] = failure
     elif isinstance(err, PluginTimeout):
-        ted = {"ErrorType": "Transfer", "ErrorCode": 62, "ErrorString": message, "FailedServer": "",
-               "FailureType": "TimedOut"}
+        ted = {
+            "ErrorType": "Transfer",
+            "ErrorCode": 62,
+            "ErrorString": message,
+            "FailedServer": "",
+            "FailureType": "TimedOut",
+        }
     elif _is_vmtool_error(err):
         ted = {"ErrorType": "Specification", "ErrorCode": -1, "ErrorString": message, "FailedServer": ""}
     else:
         message = f"internal error in vmtool_plugin: {type(err).__name__}: {err}"
-        ted = {"ErrorType": "Parameter", "ErrorCode": -1, "ErrorString": message,
-               "PluginVersion": PLUGIN_VERSION, "PluginLaunched": True}
+        ted = {
+            "ErrorType": "Parameter",
+            "ErrorCode": -1,
+            "ErrorString": message,
+            "PluginVersion": PLUGIN_VERSION,
+            "PluginLaunched": True,
+        }
     ad.update(
         TransferSuccess=False,
         TransferError=message + (f" (hint: {hint})" if hint else ""),
@@ -204,7 +229,9 @@ def transfer(url: str, local: str, upload: bool, sandbox: str, deadline: float) 
     start = time.time()
     scheme = scheme_of(url)
     if scheme not in METHODS and not scheme.endswith("+vmimage"):
-        raise BadInput(f"vmtool_plugin does not handle URL scheme {scheme!r} (it handles {', '.join(METHODS)})")
+        raise BadInput(
+            f"vmtool_plugin does not handle URL scheme {scheme!r} (it handles {', '.join(METHODS)})"
+        )
     if upload:
         return _upload(url, local, sandbox, start)
     from vmtool.stage.cache import Cache
@@ -214,14 +241,23 @@ def transfer(url: str, local: str, upload: bool, sandbox: str, deadline: float) 
     if scheme == "nfs":
         image, inst = parse_nfs(url)
         local_abs = confine(local, sandbox)
-        dest = confine(os.path.join(os.path.dirname(local_abs), inst or os.path.basename(local_abs)), sandbox)
+        dest = confine(
+            os.path.join(os.path.dirname(local_abs), inst or os.path.basename(local_abs)), sandbox
+        )
         src = parse_source(image)
     else:
         dest = confine(local, sandbox)
         src = parse_source(url)
     cache = Cache.open(None)
-    res = stage(src, os.path.dirname(dest), cache, name=os.path.basename(dest), force=True, deadline=deadline,
-                progress=False)
+    res = stage(
+        src,
+        os.path.dirname(dest),
+        cache,
+        name=os.path.basename(dest),
+        force=True,
+        deadline=deadline,
+        progress=False,
+    )
     end = time.time()
     ad = _base_ad(url, local, False, start)
     ad.update(
@@ -230,8 +266,12 @@ def transfer(url: str, local: str, upload: bool, sandbox: str, deadline: float) 
         TransferTotalBytes=res.fetched_bytes,
         TransferEndTime=int(end),
         ConnectionTimeSeconds=float(end - start),
-        DeveloperData={"BaseSha256": res.sha256, "CacheHit": res.cache_hit, "Overlay": os.fspath(res.overlay),
-                       "BaseFormat": res.format},
+        DeveloperData={
+            "BaseSha256": res.sha256,
+            "CacheHit": res.cache_hit,
+            "Overlay": os.fspath(res.overlay),
+            "BaseFormat": res.format,
+        },
     )
     return ad
 
@@ -239,8 +279,9 @@ def transfer(url: str, local: str, upload: bool, sandbox: str, deadline: float) 
 def _upload(url: str, local: str, sandbox: str, start: float) -> dict[str, object]:
     from pathlib import Path
 
+    from vmtool.stage.cache import Cache
     from vmtool.stage.sources import parse_source
-    from vmtool.stage.upload import copy_local, upload
+    from vmtool.stage.upload import copy_local, flatten_if_overlay, upload
 
     path = confine(local, sandbox)
     real = os.path.realpath(path)
@@ -251,14 +292,23 @@ def _upload(url: str, local: str, sandbox: str, start: float) -> dict[str, objec
     if scheme_of(url) == "nfs":
         raise BadInput("the legacy nfs: scheme is download-only")
     dest = parse_source(url)
-    if dest.kind == "file":
-        sent = copy_local(Path(real), Path(confine(dest.path, sandbox)))
-    else:
-        sent = upload(Path(real), dest)
+    dest_path = confine(dest.path, sandbox) if dest.kind == "file" else None
+    flat = flatten_if_overlay(Path(real), Cache.open(None), Path(sandbox))
+    try:
+        data = flat or Path(real)
+        sent = copy_local(data, Path(dest_path)) if dest_path else upload(data, dest)
+    finally:
+        if flat is not None:
+            flat.unlink()
     end = time.time()
     ad = _base_ad(url, local, True, start)
-    ad.update(TransferSuccess=True, TransferFileBytes=sent, TransferTotalBytes=sent, TransferEndTime=int(end),
-              ConnectionTimeSeconds=float(end - start))
+    ad.update(
+        TransferSuccess=True,
+        TransferFileBytes=sent,
+        TransferTotalBytes=sent,
+        TransferEndTime=int(end),
+        ConnectionTimeSeconds=float(end - start),
+    )
     return ad
 
 
@@ -292,15 +342,22 @@ def _install_stops(state: _Run) -> None:
         signal.signal(sig, on_signal)
 
 
-def _watchdog(state: _Run, writer: ResultWriter, limit: float) -> None:
+def _watchdog(
+    state: _Run, writer: ResultWriter, limit: float, extra: list[dict[str, object]]
+) -> threading.Timer:
+    """Last resort if the main thread is stuck past the time bound: write the ads here and exit."""
+
     def fire() -> None:
+        if writer.done:
+            return
         state.stopped = state.stopped or PluginTimeout("transfer time limit reached")
-        writer.write(state.final_ads())
+        writer.write(state.final_ads(extra))
         os._exit(EXIT_FAIL)
 
     t = threading.Timer(limit + GRACE, fire)
     t.daemon = True
     t.start()
+    return t
 
 
 def run_multi(infile: str, outfile: str, upload: bool) -> int:
@@ -328,13 +385,20 @@ def run_multi(infile: str, outfile: str, upload: bool) -> int:
         if url is None and local is None:
             continue  # a v4 non-file ad (PluginData, Protocol), or one we do not know
         if not isinstance(url, str) or not isinstance(local, str):
-            bad.append(failure_ad(str(url or ""), str(local or ""), upload, now,
-                                  BadInput("input ad needs string Url and LocalFileName")))
+            bad.append(
+                failure_ad(
+                    str(url or ""),
+                    str(local or ""),
+                    upload,
+                    now,
+                    BadInput("input ad needs string Url and LocalFileName"),
+                )
+            )
             continue
         files.append((url, local))
     state = _Run(files, upload)
     _install_stops(state)
-    _watchdog(state, writer, limit)
+    watchdog = _watchdog(state, writer, limit, bad)
     signal.setitimer(signal.ITIMER_REAL, max(limit, 0.001))
     try:
         for i, (url, local) in enumerate(files):
@@ -352,10 +416,13 @@ def run_multi(infile: str, outfile: str, upload: bool) -> int:
         state.stopped = state.stopped or e
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # the report is written now; nothing may cut it short
     final = state.final_ads(bad)
     if not final:
         final = [failure_ad("", "", upload, now, BadInput("the input file names no files to transfer"))]
     ok = writer.write(final)
+    watchdog.cancel()
     return EXIT_OK if ok and all(a.get("TransferSuccess") is True for a in final) else EXIT_FAIL
 
 
@@ -386,8 +453,11 @@ def run_single(a: str, b: str) -> int:
 
 def _looks_like_url(s: str) -> bool:
     head = s.split(":", 1)[0]
-    return ":" in s and head.replace("+", "").replace("-", "").replace(".", "").isalnum() and (
-        "://" in s or head.lower() == "nfs")
+    return (
+        ":" in s
+        and head.replace("+", "").replace("-", "").replace(".", "").isalnum()
+        and ("://" in s or head.lower() == "nfs")
+    )
 
 
 def _usage(msg: str) -> int:

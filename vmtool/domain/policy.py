@@ -410,6 +410,14 @@ class _Renderer:
                 self.warn(f"{what} {src!r} removed: outside the sandbox")
                 disk.remove()
                 continue
+            fmt, why = _sandbox_image_format(self.local(src))
+            if why:
+                self.warn(f"{what} {src!r} removed: {why}")
+                disk.remove()
+                continue
+            if fmt and disk.driver_type != fmt:
+                # explicit, so neither libvirt nor qemu probes a format from the guest's data
+                disk.driver_name, disk.driver_type = "qemu", fmt
             self._drop_backing(disk)
             used.add(disk.target_dev or "")
         for p in overlays:
@@ -619,6 +627,30 @@ class _Renderer:
     @property
     def console_log(self) -> Path:
         return (self.opts.console_log or self.sandbox / f"{self.dom.name}.console.log").resolve()
+
+
+def _sandbox_image_format(p: Path | None) -> tuple[str | None, str]:
+    """(format, '') of a file the domain keeps from the sandbox, or (None, why it is refused).
+
+    A qcow2 image may name a backing file or an external data file anywhere on the host, which qemu
+    would open: such images are refused (the staged overlays given with --disk are vmtool's own)."""
+    if p is None or not p.exists():
+        return None, ""  # libvirt reports a missing file itself
+    try:
+        with open(p, "rb") as f:
+            head = f.read(104)
+    except OSError as e:
+        return None, f"unreadable ({e.strerror})"
+    if head[:4] != b"QFI\xfb":
+        return "raw", ""
+    backing_offset = int.from_bytes(head[8:16], "big")
+    version = int.from_bytes(head[4:8], "big")
+    incompatible = int.from_bytes(head[72:80], "big") if version >= 3 and len(head) >= 80 else 0
+    if backing_offset:
+        return None, "a qcow2 image with a backing file (it could name any host file)"
+    if incompatible & 0x4:
+        return None, "a qcow2 image with an external data file"
+    return "qcow2", ""
 
 
 def _check_overlay(p: Path) -> None:

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from vmtool import __version__
-from vmtool.errors import ImageError, VmtoolError
+from vmtool.errors import CommandError, ImageError, VmtoolError
 from vmtool.fsutil import atomic_dir, os_error
 from vmtool.image import fstab as fstabmod
 from vmtool.image.extfs import ExtFs
-from vmtool.image.extract import allocated_bytes, extract
+from vmtool.image.extract import allocated_bytes, changed_ranges, compose, extract, sparse_clone
 from vmtool.image.fs import LABEL_MAX, probe
 from vmtool.image.inspect import (
     EXT_TYPES,
@@ -184,15 +184,17 @@ def build(opts: BuildOptions) -> Result:
             check_label(label, root.fstype, explicit=opts.label is not None)
             rootfs = tmp / "rootfs.img"
             if backend == "native":
-                info = _native(layout, raw, rootfs, tmp, label, keys, extra_files, opts.kernel_version, materialized)
+                kernel, kpath, ipath, fstab_before, fstab_after, digest = _native(
+                    layout, raw, rootfs, tmp, label, keys, extra_files, opts.kernel_version, materialized)
             else:
                 from vmtool.image import guestfs_backend  # lazy: needs the guestfs binding
 
-                info = guestfs_backend.build(layout, rootfs, tmp, label=label, ssh_keys=keys,
-                                             files=extra_files, kernel_version=opts.kernel_version)
+                kernel, kpath, ipath, fstab_before, fstab_after = guestfs_backend.build(
+                    layout, rootfs, tmp, label=label, ssh_keys=keys, files=extra_files,
+                    kernel_version=opts.kernel_version)
+                digest = None
             for p in materialized.values():
                 p.unlink(missing_ok=True)
-        kernel, kpath, ipath, fstab_before, fstab_after = info
         rootfs_uuid, rootfs_type = _fs_identity(rootfs)
         virtual = os.path.getsize(rootfs)
         final = rootfs
@@ -202,13 +204,13 @@ def build(opts: BuildOptions) -> Result:
                 hint="check free space beside the output directory")
             rootfs.unlink()
         # Hash the rootfs on one core while its pages are written back (fsync) and the small files hashed.
-        rootfs_hash = BackgroundHash(final, cache=False)
+        rootfs_hash = BackgroundHash(final, cache=False) if digest is None or final != rootfs else None
         _fsync(final, kpath, ipath)  # durable before the rename that publishes them
         k_sha, i_sha = sha256_file(kpath, sparse=False), sha256_file(ipath, sparse=False)
         manifest = Manifest(
             source=SourceInfo(os.fspath(src.path.resolve()), src.format, src.size, src_hash.get()),
             rootfs=RootfsInfo(final.name, opts.rootfs_format, rootfs_type, label, rootfs_uuid, virtual,
-                              allocated_bytes(final), rootfs_hash.get()),
+                              allocated_bytes(final), rootfs_hash.get() if rootfs_hash else str(digest)),
             kernel=BootFile(kpath.name, kernel.version, k_sha),
             initrd=BootFile(ipath.name, kernel.version, i_sha),
             cmdline=f"root=LABEL={label} ro console=ttyS0",
@@ -266,7 +268,8 @@ def _fs_identity(rootfs: Path) -> tuple[str, str]:
 
 def _native(layout: Layout, raw: Path, rootfs: Path, tmp: Path, label: str, keys: bytes,
             extra: dict[str, tuple[bytes, int]], kernel_version: str | None,
-            materialized: dict[str, Path]) -> tuple[Kernel, Path, Path, str | None, str]:
+            materialized: dict[str, Path]) -> tuple[Kernel, Path, Path, str | None, str, str | None]:
+    """Returns kernel, its files, fstab before/after, and the rootfs sha256 if it was hashed on the way."""
     root = layout.root
     assert root is not None
     # Pick the kernel before the long copy, so a disk without one fails fast.
@@ -275,11 +278,10 @@ def _native(layout: Layout, raw: Path, rootfs: Path, tmp: Path, label: str, keys
     # Kernels are read from the source (unchanged), with the readers inspection already used.
     root_src = reader_for(layout, root, None)
     boot_src = reader_for(layout, layout.boot, None) if layout.boot else None
-    if root.name in materialized:
+    extracted = root.name in materialized
+    if extracted:
         os.replace(materialized.pop(root.name), rootfs)
         root_src = ExtFs(rootfs, name=f"root filesystem ({root.name})")
-    else:
-        extract(raw, root.pieces, rootfs, label=f"extracting {root.name}")
     if layout.boot is not None and boot_src is None and layout.boot.name in materialized:
         boot_src = ExtFs(materialized[layout.boot.name], name=layout.boot.name)
     assert root_src is not None
@@ -296,15 +298,64 @@ def _native(layout: Layout, raw: Path, rootfs: Path, tmp: Path, label: str, keys
     for host in (kpath, ipath):
         os.chmod(host, 0o644)
 
-    root_fs = ExtFs(rootfs, name=f"root filesystem ({root.name})")
-    before = layout.fstab if layout.fstab_read else read_fstab(guest_tree(root_fs, None))
+    before = layout.fstab if layout.fstab_read else read_fstab(guest_tree(root_src, None))
     after = fstabmod.rewrite(before, label=label, fstype=root.fstype)
     files: dict[str, tuple[bytes, int]] = {"/etc/fstab": (after.encode(), 0o644)}
     if keys:
-        files[AUTHORIZED_KEYS] = (_existing_keys(root_fs) + keys, 0o600)
+        files[AUTHORIZED_KEYS] = (_existing_keys(root_src) + keys, 0o600)
     files.update(extra)
-    root_fs.write_files(files, workdir=rootfs.parent, label=label)
-    return kernel, kpath, ipath, before, after
+    if not extracted:
+        digest = _overlay_build(raw, root, rootfs, tmp, files, label)
+        if digest is not None:
+            return kernel, kpath, ipath, before, after, digest
+        extract(raw, root.pieces, rootfs, label=f"extracting {root.name}")
+    ExtFs(rootfs, name=f"root filesystem ({root.name})").write_files(files, workdir=rootfs.parent, label=label)
+    return kernel, kpath, ipath, before, after, None
+
+
+def _overlay_build(raw: Path, root: Volume, rootfs: Path, tmp: Path, files: dict[str, tuple[bytes, int]],
+                   label: str) -> str | None:
+    """One pass over the root volume: changes made first on an `e2image -r` metadata copy, then the
+    volume copied with the changed blocks laid over it and hashed as it is written. None: not possible
+    here (the caller then copies first and changes the copy)."""
+    if len(root.pieces) != 1:
+        return None
+    meta = tmp / ".rootfs-meta.img"
+    meta0 = tmp / ".rootfs-meta0.img"
+    try:
+        run(["e2image", "-r", "-o", str(root.pieces[0][0]), os.fspath(raw), os.fspath(meta)], timeout=600)
+        if os.path.getsize(meta) > root.size:
+            meta.unlink()
+            return None
+        os.truncate(meta, root.size)
+        sparse_clone(meta, meta0)
+        with open(meta, "rb") as f:
+            f.seek(1024 + 24)
+            block = 1024 << min(int.from_bytes(f.read(4), "little"), 6)
+    except (CommandError, OSError) as e:
+        log.info("e2image could not copy the root filesystem's metadata (%s): copying it whole first", e)
+        meta.unlink(missing_ok=True)
+        meta0.unlink(missing_ok=True)
+        return None
+    try:
+        ExtFs(meta, name=f"root filesystem ({root.name})").write_files(files, workdir=tmp, label=label)
+        # e2image writes whole host blocks, so its data ranges also cover unrelated filesystem blocks
+        # (as zeros): only the blocks the changes really touched are laid over the source.
+        changed = changed_ranges(meta0, meta, block)
+        digest = compose(raw, root.pieces, meta, rootfs, changed, label=f"extracting {root.name}")
+    finally:
+        meta.unlink(missing_ok=True)
+        meta0.unlink(missing_ok=True)
+    # Check the result the way a reader will see it: the files as written, the label in the superblock.
+    out = ExtFs(rootfs, name="the new root filesystem")
+    for gpath, (content, _mode) in files.items():
+        if out.read(gpath) != content:
+            raise ImageError(f"{gpath} did not survive the copy of the root filesystem", hint="report this bug")
+    with open(rootfs, "rb") as f:
+        fs = probe(f, 0, root.size)
+    if fs is None or fs.label != label:
+        raise ImageError("the new root filesystem lost its label in the copy", hint="report this bug")
+    return digest
 
 
 def _existing_keys(fs: ExtFs) -> bytes:

@@ -125,3 +125,198 @@ def _write_nonzero(fd: int, buf: bytearray, n: int, at: int) -> int:
 
 def allocated_bytes(path: Path) -> int:
     return os.stat(path).st_blocks * 512
+
+
+class _Hasher:
+    """sha256 fed in file order from a queue, on its own thread (hashlib releases the GIL)."""
+
+    def __init__(self) -> None:
+        import hashlib
+        import queue
+        import threading
+
+        self.h = hashlib.sha256()
+        self.q: queue.Queue[bytes | int | None] = queue.Queue(maxsize=16)
+        self.error: BaseException | None = None
+        self.t = threading.Thread(target=self._run, name="vmtool-rootfs-sha256", daemon=True)
+        self.t.start()
+
+    def _run(self) -> None:
+        zero = bytes(CHUNK)
+        try:
+            while True:
+                item = self.q.get()
+                if item is None:
+                    return
+                if isinstance(item, int):
+                    while item > 0:
+                        k = min(item, CHUNK)
+                        self.h.update(zero if k == CHUNK else zero[:k])
+                        item -= k
+                else:
+                    self.h.update(item)
+        except BaseException as e:  # surfaced by hexdigest()
+            self.error = e
+
+    def feed(self, item: bytes | int) -> None:
+        if isinstance(item, int) and item <= 0:
+            return
+        self.q.put(item)
+
+    def hexdigest(self) -> str:
+        self.q.put(None)
+        self.t.join()
+        if self.error is not None:
+            raise self.error
+        return self.h.hexdigest()
+
+    def abort(self) -> None:
+        # drain so the thread sees the sentinel even if the queue is full
+        while True:
+            try:
+                self.q.get_nowait()
+            except Exception:
+                break
+        self.q.put(None)
+
+
+def sparse_clone(src: Path, dst: Path) -> None:
+    """Copy the data ranges of `src` to the new file `dst` (same size, holes kept)."""
+    fi = os.open(src, os.O_RDONLY)
+    try:
+        size = os.fstat(fi).st_size
+        fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.ftruncate(fo, size)
+            for d, n in _data_runs(fi, 0, size):
+                done = 0
+                while done < n:
+                    done += os.copy_file_range(fi, fo, n - done, d + done, d + done)
+        finally:
+            os.close(fo)
+    finally:
+        os.close(fi)
+
+
+def changed_ranges(before: Path, after: Path, block: int) -> list[tuple[int, int]]:
+    """Ranges (offset, length) of `after` whose `block`-sized blocks differ from `before` (same size)."""
+    out: list[tuple[int, int]] = []
+    fa = os.open(after, os.O_RDONLY)
+    fb = os.open(before, os.O_RDONLY)
+    try:
+        size = os.fstat(fa).st_size
+        for d, n in _data_runs(fa, 0, size):
+            start = d - d % block
+            end = min(size, -(-(d + n) // block) * block)
+            a = os.pread(fa, end - start, start)
+            b = os.pread(fb, end - start, start)
+            for i in range(0, len(a), block):
+                if a[i:i + block] != b[i:i + block]:
+                    off = start + i
+                    if out and out[-1][0] + out[-1][1] == off:
+                        out[-1] = (out[-1][0], out[-1][1] + block)
+                    elif out and out[-1][0] + out[-1][1] > off:
+                        continue
+                    else:
+                        out.append((off, min(block, size - off)))
+    finally:
+        os.close(fa)
+        os.close(fb)
+    return out
+
+
+def compose(src: Path, pieces: Sequence[tuple[int, int]], overlay: Path, out: Path,
+            changed: list[tuple[int, int]], *, label: str = "extracting") -> str:
+    """Write the volume `pieces` of `src` to the new file `out` with the `changed` ranges taken from
+    `overlay` (a file of the same size), sparse, and return the sha256 of the result, hashed while it
+    is written.
+
+    This is how the native backend avoids a second pass over the root filesystem: the changes (fstab,
+    keys, label) are made first on `overlay`, an `e2image -r` metadata-only copy of the filesystem, and
+    `changed` lists the filesystem blocks they touched (see changed_ranges).
+    """
+    total = sum(n for _, n in pieces)
+    progress = Progress(label, total)
+    hasher = _Hasher()
+    try:
+        fi = os.open(src, os.O_RDONLY)
+        fv = os.open(overlay, os.O_RDONLY)
+        try:
+            if os.fstat(fv).st_size != total:
+                raise ImageError("internal: overlay size differs from the volume size")
+            over = list(changed)
+            fo = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            try:
+                os.ftruncate(fo, total)
+                # Source data runs in volume coordinates.
+                src_runs: list[tuple[int, int, int]] = []  # (volume offset, length, disk offset)
+                base = 0
+                for off, n in pieces:
+                    if off < 0 or off + n > os.fstat(fi).st_size:
+                        raise ImageError(f"volume data at bytes {off}-{off + n} lies past the end of the disk",
+                                         hint="the image is truncated; give the complete image")
+                    for d, length in _data_runs(fi, off, off + n):
+                        src_runs.append((base + d - off, length, d))
+                    base += n
+                pos = 0
+                for kind, start, length, disk in _merge(src_runs, over, total):
+                    hasher.feed(start - pos)  # hole before this run
+                    end = start + length
+                    p = start
+                    while p < end:
+                        k = min(CHUNK, end - p)
+                        if kind == "overlay":
+                            buf = os.pread(fv, k, p)
+                        else:
+                            buf = os.pread(fi, k, disk + (p - start))
+                        if len(buf) != k:
+                            raise ImageError(f"{src}: short read", hint="the image is truncated")
+                        if buf != (_ZERO_CHUNK if k == CHUNK else bytes(k)) or kind == "overlay":
+                            done = 0
+                            while done < k:
+                                done += os.pwrite(fo, buf[done:], p + done)
+                        hasher.feed(buf)
+                        p += k
+                        progress.update(done=p)
+                    pos = end
+                hasher.feed(total - pos)
+            finally:
+                os.close(fo)
+        finally:
+            os.close(fi)
+            os.close(fv)
+    except OSError as e:
+        hasher.abort()
+        raise os_error(e, f"writing {out}") from None
+    except BaseException:
+        hasher.abort()
+        raise
+    progress.close()
+    return hasher.hexdigest()
+
+
+def _merge(src_runs: list[tuple[int, int, int]], over: list[tuple[int, int]],
+           total: int) -> list[tuple[str, int, int, int]]:
+    """Ordered, non-overlapping (kind, volume offset, length, disk offset) runs: overlay ranges win."""
+    out: list[tuple[str, int, int, int]] = []
+    oi = 0
+    for vstart, length, disk in src_runs:
+        vend = vstart + length
+        cur = vstart
+        while cur < vend:
+            while oi < len(over) and over[oi][0] + over[oi][1] <= cur:
+                oi += 1
+            if oi < len(over) and over[oi][0] < vend:
+                o_start, o_len = over[oi]
+                if o_start > cur:
+                    out.append(("src", cur, o_start - cur, disk + (cur - vstart)))
+                    cur = o_start
+                else:
+                    cur = min(vend, o_start + o_len)
+            else:
+                out.append(("src", cur, vend - cur, disk + (cur - vstart)))
+                cur = vend
+    for o_start, o_len in over:
+        out.append(("overlay", o_start, o_len, 0))
+    out.sort(key=lambda r: r[1])
+    return out

@@ -9,6 +9,7 @@ qemu to be gone and removes the cgroup, whatever happened before.
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import threading
 import time
@@ -26,6 +27,8 @@ from vmtool.domain.slot import Slot, discover_slot
 from vmtool.errors import CgroupError, LaunchError, VmtoolError
 from vmtool.launch import cgroups
 from vmtool.launch.libvirtconn import connect, libvirt_module
+
+log = logging.getLogger("vmtool.launch")
 
 POLL_SECONDS = 1.0
 DEFAULT_URI = "qemu:///system"
@@ -218,13 +221,16 @@ class RunningVM:
             raise LaunchError(f"libvirt could not start the domain: {e.get_error_message()}",
                               hint="run 'vmtool domain render' with the same options to see the XML") from None
         self.pid = _qemu_pid(self.name, self.spec.uri)
+        log.debug("domain %s created paused, qemu pid %d", self.name, self.pid)
         if self.cgroup is not None:
             self.cgroup.add_pid(self.pid)
+            log.debug("qemu moved into %s", self.cgroup.describe())
         try:
             self._dom.resume()
         except libvirt.libvirtError as e:
             raise LaunchError(f"libvirt could not resume the domain: {e.get_error_message()}") from None
         self.started = time.monotonic()
+        log.debug("domain %s resumed", self.name)
 
     # -- control --------------------------------------------------------------------------------------
 
@@ -310,6 +316,7 @@ class RunningVM:
     def _classify(self) -> ExitReason:
         if self.reason is not None:
             return self.reason
+        log.debug("domain %s ended (libvirt detail %s)", self.name, self._stop_detail)
         libvirt = libvirt_module()
         if self.cgroup is not None:
             self._stats.oom_kills = self.cgroup.oom_kills()
@@ -395,6 +402,7 @@ class RunningVM:
             except libvirt.libvirtError:
                 pass
             self._callback_id = None
+        log.debug("domain %s cleaned up", self.name)
         if errors:
             raise LaunchError("cleanup failed: " + "; ".join(errors))
 
@@ -416,6 +424,7 @@ def start(spec: LaunchSpec, *, host: HostFacts | None = None, slot: Slot | None 
     conn = connect(spec.uri)
     host = host or host_facts(spec.uri, conn=conn)
     rendered = render_for(spec, host, slot)
+    log.debug("rendered %s (%s, %d vCPU, %d MiB)", rendered.name, rendered.accel, rendered.cpus, rendered.memory_mib)
     cg = None
     if spec.use_cgroup:
         cg = cgroups.create(rendered.name, memory_bytes=rendered.memory_limit_mib << 20, cpus=rendered.cpus,

@@ -116,7 +116,7 @@ def tube_stats(bs: Beanstalk, tube: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for t in (tube, results_tube(tube), reasons_tube(tube)):
         st = bs.stats_tube(t) or {}
-        out[t] = {k.replace("current-jobs-", ""): int(st.get(k, 0)) for k in keys}
+        out[t] = {k.replace("current-jobs-", "").replace("current-", ""): int(st.get(k, 0)) for k in keys}
     buried = []
     for note in buried_reasons(bs, tube):
         job = note.get("job")

@@ -395,7 +395,7 @@ class Worker:
             raise
         except RelayError as e:
             rec.failed_items += 1
-            err = f"{vm.name}: {e.message}"
+            err = e.message
             retry = Item(item.id, item.cmd, item.inputs, item.timeout_s, item.max_output, attempt, err[:500])
             self._retrying(bs, "re-put", lambda: bs.put(retry.encode(), tube=self.opts.tube,
                                                           ttr=ttr, delay=self.opts.retry_delay))

@@ -150,7 +150,9 @@ class Cache:
 
     def index_put(self, identity: str, entry: dict[str, Any]) -> None:
         entry = dict(entry, identity=identity)
-        write_atomic(self.root / "index" / f"{key_hash(identity)}.json", json.dumps(entry) + "\n", mode=0o664)
+        write_atomic(
+            self.root / "index" / f"{key_hash(identity)}.json", json.dumps(entry) + "\n", mode=0o664
+        )
 
     # --- locks --------------------------------------------------------------------------------
 
@@ -240,16 +242,28 @@ class Cache:
                 continue
             meta = self.meta(sha)
             live, _dead = self.refs(sha, p)
-            out.append(BaseEntry(
-                sha256=sha, format=fmt, path=p, size=st.st_size, allocated=st.st_blocks * 512,
-                virtual_size=int(meta.get("virtual_size") or 0), last_used=self.last_used(sha, st.st_mtime),
-                sources=list(meta.get("sources") or []), live_refs=live,
-            ))
+            out.append(
+                BaseEntry(
+                    sha256=sha,
+                    format=fmt,
+                    path=p,
+                    size=st.st_size,
+                    allocated=st.st_blocks * 512,
+                    virtual_size=int(meta.get("virtual_size") or 0),
+                    last_used=self.last_used(sha, st.st_mtime),
+                    sources=list(meta.get("sources") or []),
+                    live_refs=live,
+                )
+            )
         out.sort(key=lambda e: e.last_used)
         return out
 
     def prune(
-        self, *, max_size: int | None = None, older_than: float | None = None, dry_run: bool = False,
+        self,
+        *,
+        max_size: int | None = None,
+        older_than: float | None = None,
+        dry_run: bool = False,
         now: float | None = None,
     ) -> tuple[list[BaseEntry], list[BaseEntry]]:
         """Remove unused bases, least recently used first. Returns (removed, kept)."""

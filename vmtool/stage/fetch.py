@@ -43,15 +43,20 @@ class Sink:
         if self.progress is not None:
             self.progress.update(n)
         if self.deadline is not None and time.monotonic() > self.deadline:
-            raise TransferFailed("fetch took too long and was stopped", error_type="Transfer",
-                                 failure_type="TimedOut", hint="raise the time limit or fetch from closer")
+            raise TransferFailed(
+                "fetch took too long and was stopped",
+                error_type="Transfer",
+                failure_type="TimedOut",
+                hint="raise the time limit or fetch from closer",
+            )
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray) -> None:
+        """Write one chunk (bytes or bytearray: both compare with ZERO by memcmp; a memoryview would not)."""
         n = len(data)
         if not n:
             return
         self.hash.update(data)
-        if n <= CHUNK and data == ZERO[:n]:
+        if n <= CHUNK and data == (ZERO if n == CHUNK else ZERO[:n]):
             self.f.seek(n, os.SEEK_CUR)
         else:
             self.f.write(data)
@@ -104,10 +109,14 @@ def fetch(src: Source, sink: Sink) -> int:
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise TransferFailed(
-                "no space left in the cache while fetching", error_type="Transfer", failure_type="NoSpace",
+                "no space left in the cache while fetching",
+                error_type="Transfer",
+                failure_type="NoSpace",
                 hint="free space in the cache (vmtool cache prune) or point --cache/VMTOOL_CACHE elsewhere",
             ) from None
-        raise TransferFailed(f"{src.text}: {e.strerror or e}", error_type="Transfer", server=src.host) from None
+        raise TransferFailed(
+            f"{src.text}: {e.strerror or e}", error_type="Transfer", server=src.host
+        ) from None
     raise TransferFailed(f"unknown source kind {src.kind}", error_type="Specification")
 
 
@@ -118,16 +127,27 @@ def _stat_local(src: Source) -> os.stat_result:
     try:
         st = os.stat(src.path)
     except FileNotFoundError:
-        raise TransferFailed(f"{src.text}: no such file", error_type="Specification", code=404,
-                             hint="check the path (is the NFS share mounted?)") from None
+        raise TransferFailed(
+            f"{src.text}: no such file",
+            error_type="Specification",
+            code=404,
+            hint="check the path (is the NFS share mounted?)",
+        ) from None
     except PermissionError:
-        raise TransferFailed(f"{src.text}: permission denied", error_type="Authorization", code=403,
-                             failure_type="Authorization") from None
+        raise TransferFailed(
+            f"{src.text}: permission denied",
+            error_type="Authorization",
+            code=403,
+            failure_type="Authorization",
+        ) from None
     except OSError as e:
         raise TransferFailed(f"{src.text}: {e.strerror}", error_type="Contact") from None
     if not os.path.isfile(src.path):
-        raise TransferFailed(f"{src.text} is not a regular file", error_type="Specification",
-                             hint="give the path of a disk image file")
+        raise TransferFailed(
+            f"{src.text} is not a regular file",
+            error_type="Specification",
+            hint="give the path of a disk image file",
+        )
     return st
 
 
@@ -154,7 +174,9 @@ def _fetch_local(src: Source, sink: Sink) -> int:
     st = _stat_local(src)
     if sink.progress is not None:
         sink.progress.total = st.st_size
-    with open(src.path, "rb") as f:
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(src.path, "rb", buffering=0) as f:
         fd = f.fileno()
         for off, length, is_data in _segments(fd, st.st_size):
             if not is_data:
@@ -163,11 +185,11 @@ def _fetch_local(src: Source, sink: Sink) -> int:
             f.seek(off)
             left = length
             while left > 0:
-                chunk = f.read(min(CHUNK, left))
-                if not chunk:
+                n = f.readinto(view[: min(CHUNK, left)])
+                if not n:
                     raise TransferFailed(f"{src.text} shrank while it was read", error_type="Transfer")
-                sink.write(chunk)
-                left -= len(chunk)
+                sink.write(buf if n == CHUNK else bytes(view[:n]))
+                left -= n
     return st.st_size
 
 
@@ -179,23 +201,50 @@ def _http_error(src: Source, e: BaseException) -> TransferFailed:
 
     if isinstance(e, urllib.error.HTTPError):
         if e.code == 404:
-            return TransferFailed(f"{src.text}: not found (HTTP 404)", error_type="Specification", code=404,
-                                  server=src.host, hint="check the URL")
+            return TransferFailed(
+                f"{src.text}: not found (HTTP 404)",
+                error_type="Specification",
+                code=404,
+                server=src.host,
+                hint="check the URL",
+            )
         if e.code in (401, 403):
-            return TransferFailed(f"{src.text}: access denied (HTTP {e.code})", error_type="Authorization",
-                                  code=e.code, server=src.host, failure_type="Authorization")
-        return TransferFailed(f"{src.text}: HTTP {e.code} {e.reason}", error_type="Specification" if e.code < 500
-                              else "Contact", code=e.code, server=src.host)
+            return TransferFailed(
+                f"{src.text}: access denied (HTTP {e.code})",
+                error_type="Authorization",
+                code=e.code,
+                server=src.host,
+                failure_type="Authorization",
+            )
+        return TransferFailed(
+            f"{src.text}: HTTP {e.code} {e.reason}",
+            error_type="Specification" if e.code < 500 else "Contact",
+            code=e.code,
+            server=src.host,
+        )
     reason = getattr(e, "reason", e)
     if isinstance(reason, socket.gaierror):
-        return TransferFailed(f"{src.text}: cannot resolve host {src.host!r}", error_type="Resolution",
-                              server=src.host, failure_type="Definitive", hint="check the host name")
+        return TransferFailed(
+            f"{src.text}: cannot resolve host {src.host!r}",
+            error_type="Resolution",
+            server=src.host,
+            failure_type="Definitive",
+            hint="check the host name",
+        )
     if isinstance(reason, (TimeoutError, socket.timeout)):
-        return TransferFailed(f"{src.text}: the server stopped sending (no data for {IO_TIMEOUT:.0f} s)",
-                              error_type="Transfer", server=src.host, failure_type="TooSlow")
+        return TransferFailed(
+            f"{src.text}: the server stopped sending (no data for {IO_TIMEOUT:.0f} s)",
+            error_type="Transfer",
+            server=src.host,
+            failure_type="TooSlow",
+        )
     text = getattr(reason, "strerror", None) or str(reason)
-    return TransferFailed(f"{src.text}: cannot reach {src.host}: {text}", error_type="Contact", server=src.host,
-                          hint="check that the server is up and reachable from this node")
+    return TransferFailed(
+        f"{src.text}: cannot reach {src.host}: {text}",
+        error_type="Contact",
+        server=src.host,
+        hint="check that the server is up and reachable from this node",
+    )
 
 
 def _open_http(src: Source, method: str) -> Any:
@@ -233,20 +282,25 @@ def _fetch_http(src: Source, sink: Sink) -> int:
         if sink.progress is not None:
             sink.progress.total = total
         got = 0
+        buf = bytearray(CHUNK)  # one buffer for the whole stream: no 1 MiB allocation per chunk
         try:
             while True:
-                chunk = r.read(CHUNK)
-                if not chunk:
+                n = r.readinto(buf)
+                if not n:
                     break
-                got += len(chunk)
-                sink.write(chunk)
+                got += n
+                sink.write(buf if n == CHUNK else bytes(buf[:n]))
         except (OSError, ValueError) as e:
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise
             raise _http_error(src, e) from None
     if total is not None and got != total:
-        raise TransferFailed(f"{src.text}: connection closed after {got} of {total} bytes", error_type="Transfer",
-                             server=src.host, failure_type="TimedOut")
+        raise TransferFailed(
+            f"{src.text}: connection closed after {got} of {total} bytes",
+            error_type="Transfer",
+            server=src.host,
+            failure_type="TimedOut",
+        )
     return got
 
 
@@ -258,8 +312,11 @@ def _s3_client(src: Source) -> Any:
         import boto3
         from botocore.config import Config
     except ImportError:
-        raise TransferFailed("s3:// sources need boto3", error_type="Parameter",
-                             hint="pip install boto3 (it is in vmtool's dependencies)") from None
+        raise TransferFailed(
+            "s3:// sources need boto3",
+            error_type="Parameter",
+            hint="pip install boto3 (it is in vmtool's dependencies)",
+        ) from None
     cfg = Config(connect_timeout=IO_TIMEOUT, read_timeout=IO_TIMEOUT, retries={"max_attempts": 3})
     return boto3.client("s3", endpoint_url=src.endpoint_url, config=cfg)
 
@@ -272,20 +329,36 @@ def _s3_error(src: Source, e: Exception) -> TransferFailed:
         code = str(e.response.get("Error", {}).get("Code", ""))
         status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         if status == 404 or code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
-            return TransferFailed(f"{src.text}: not found", error_type="Specification", code=404, server=server)
+            return TransferFailed(
+                f"{src.text}: not found", error_type="Specification", code=404, server=server
+            )
         if status in (401, 403):
-            return TransferFailed(f"{src.text}: access denied ({code})", error_type="Authorization", code=status,
-                                  server=server, failure_type="Authorization",
-                                  hint="check the AWS credentials in the environment")
-        return TransferFailed(f"{src.text}: S3 error {code or status}", error_type="Contact", code=status,
-                              server=server)
+            return TransferFailed(
+                f"{src.text}: access denied ({code})",
+                error_type="Authorization",
+                code=status,
+                server=server,
+                failure_type="Authorization",
+                hint="check the AWS credentials in the environment",
+            )
+        return TransferFailed(
+            f"{src.text}: S3 error {code or status}", error_type="Contact", code=status, server=server
+        )
     if isinstance(e, NoCredentialsError):
-        return TransferFailed(f"{src.text}: no AWS credentials", error_type="Authorization", server=server,
-                              failure_type="Authentication",
-                              hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+        return TransferFailed(
+            f"{src.text}: no AWS credentials",
+            error_type="Authorization",
+            server=server,
+            failure_type="Authentication",
+            hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
+        )
     if isinstance(e, EndpointConnectionError):
-        return TransferFailed(f"{src.text}: cannot reach {server}", error_type="Contact", server=server,
-                              hint="check --endpoint-url / AWS_ENDPOINT_URL")
+        return TransferFailed(
+            f"{src.text}: cannot reach {server}",
+            error_type="Contact",
+            server=server,
+            hint="check --endpoint-url / AWS_ENDPOINT_URL",
+        )
     return TransferFailed(f"{src.text}: {e}", error_type="Transfer", server=server)
 
 
@@ -328,8 +401,11 @@ class _SftpSession:
         try:
             import paramiko
         except ImportError:
-            raise TransferFailed("sftp:// sources need paramiko", error_type="Parameter",
-                                 hint="pip install paramiko (it is in vmtool's dependencies)") from None
+            raise TransferFailed(
+                "sftp:// sources need paramiko",
+                error_type="Parameter",
+                hint="pip install paramiko (it is in vmtool's dependencies)",
+            ) from None
         src = self.src
         client = paramiko.SSHClient()
         known = os.environ.get("VMTOOL_KNOWN_HOSTS") or os.path.expanduser("~/.ssh/known_hosts")
@@ -346,37 +422,60 @@ class _SftpSession:
         key = os.environ.get("VMTOOL_SSH_KEY")
         try:
             client.connect(
-                src.host, port=src.port or 22, username=src.user or None, key_filename=key or None,
-                timeout=IO_TIMEOUT, banner_timeout=IO_TIMEOUT, auth_timeout=IO_TIMEOUT,
-                allow_agent=not key, look_for_keys=not key,
+                src.host,
+                port=src.port or 22,
+                username=src.user or None,
+                key_filename=key or None,
+                timeout=IO_TIMEOUT,
+                banner_timeout=IO_TIMEOUT,
+                auth_timeout=IO_TIMEOUT,
+                allow_agent=not key,
+                look_for_keys=not key,
             )
         except paramiko.BadHostKeyException:
             client.close()
-            raise TransferFailed(f"{src.host}: host key does not match known_hosts (possible attack)",
-                                 error_type="Authorization", server=src.host, failure_type="Authentication",
-                                 hint="verify the server's key, then fix known_hosts") from None
+            raise TransferFailed(
+                f"{src.host}: host key does not match known_hosts (possible attack)",
+                error_type="Authorization",
+                server=src.host,
+                failure_type="Authentication",
+                hint="verify the server's key, then fix known_hosts",
+            ) from None
         except paramiko.AuthenticationException:
             client.close()
-            raise TransferFailed(f"{src.host}: SSH authentication failed", error_type="Authorization",
-                                 server=src.host, failure_type="Authentication",
-                                 hint="check the user and key (VMTOOL_SSH_KEY)") from None
+            raise TransferFailed(
+                f"{src.host}: SSH authentication failed",
+                error_type="Authorization",
+                server=src.host,
+                failure_type="Authentication",
+                hint="check the user and key (VMTOOL_SSH_KEY)",
+            ) from None
         except paramiko.SSHException as e:
             client.close()
             if "not found in known_hosts" in str(e):
                 raise TransferFailed(
-                    f"{src.host}: host key is not in known_hosts", error_type="Authorization", server=src.host,
+                    f"{src.host}: host key is not in known_hosts",
+                    error_type="Authorization",
+                    server=src.host,
                     failure_type="Authentication",
                     hint="add it to known_hosts (ssh-keyscan, checked out of band) or pass --accept-new-host-key",
                 ) from None
-            raise TransferFailed(f"{src.host}: SSH error: {e}", error_type="Contact", server=src.host) from None
+            raise TransferFailed(
+                f"{src.host}: SSH error: {e}", error_type="Contact", server=src.host
+            ) from None
         except socket.gaierror:
             client.close()
-            raise TransferFailed(f"cannot resolve host {src.host!r}", error_type="Resolution", server=src.host,
-                                 failure_type="Definitive") from None
+            raise TransferFailed(
+                f"cannot resolve host {src.host!r}",
+                error_type="Resolution",
+                server=src.host,
+                failure_type="Definitive",
+            ) from None
         except OSError as e:
             client.close()
-            raise TransferFailed(f"cannot reach {src.host}: {e.strerror or e}", error_type="Contact",
-                                 server=src.host) from None
+            raise TransferFailed(
+                f"cannot reach {src.host}: {e.strerror or e}", error_type="Contact", server=src.host
+            ) from None
         if src.accept_new_host_key and os.path.isdir(os.path.dirname(known)):
             try:
                 client.save_host_keys(known)
@@ -398,11 +497,17 @@ def _sftp_stat(sftp: Any, src: Source) -> Any:
     try:
         return sftp.stat(src.path)
     except FileNotFoundError:
-        raise TransferFailed(f"{src.text}: no such file", error_type="Specification", code=404,
-                             server=src.host) from None
+        raise TransferFailed(
+            f"{src.text}: no such file", error_type="Specification", code=404, server=src.host
+        ) from None
     except PermissionError:
-        raise TransferFailed(f"{src.text}: permission denied", error_type="Authorization", code=403,
-                             server=src.host, failure_type="Authorization") from None
+        raise TransferFailed(
+            f"{src.text}: permission denied",
+            error_type="Authorization",
+            code=403,
+            server=src.host,
+            failure_type="Authorization",
+        ) from None
     except OSError as e:
         raise TransferFailed(f"{src.text}: {e}", error_type="Transfer", server=src.host) from None
 

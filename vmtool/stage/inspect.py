@@ -108,7 +108,9 @@ def check_base(path: Path, fmt: str | None, *, what: str) -> ImageInfo:
         size = path.stat().st_size
         kind = sniff(path)
     except OSError as e:
-        raise ImageError(f"{what}: cannot read: {e.strerror}", hint="check the source's permissions") from None
+        raise ImageError(
+            f"{what}: cannot read: {e.strerror}", hint="check the source's permissions"
+        ) from None
     if size == 0:
         raise ImageError(f"{what} is empty, not a disk image", hint="check the source URL or path")
     if kind not in ("qcow2", "raw", "data"):
@@ -133,8 +135,10 @@ def check_base(path: Path, fmt: str | None, *, what: str) -> ImageInfo:
     elif fmt not in ("raw", "qcow2"):
         raise ImageError(f"unsupported format {fmt!r}", hint="use --format raw or --format qcow2")
     if fmt == "raw" and size % SECTOR:
-        raise ImageError(f"{what} is {size} bytes, not a whole number of 512-byte sectors: not a disk image",
-                         hint="check that the source is the disk image you meant")
+        raise ImageError(
+            f"{what} is {size} bytes, not a whole number of 512-byte sectors: not a disk image",
+            hint="check that the source is the disk image you meant",
+        )
     if fmt == "qcow2":
         backing, data_file = qcow2_header_refs(path)
         if backing is not None:

@@ -62,8 +62,10 @@ def _fragment(frag: str) -> tuple[str | None, str | None]:
     q = parse_qs(frag, keep_blank_values=True)
     unknown = set(q) - {"sha256", "format"}
     if unknown:
-        raise StageError(f"unknown URL fragment option(s): {', '.join(sorted(unknown))}",
-                         hint="the fragment may hold sha256=HEX and format=raw|qcow2")
+        raise StageError(
+            f"unknown URL fragment option(s): {', '.join(sorted(unknown))}",
+            hint="the fragment may hold sha256=HEX and format=raw|qcow2",
+        )
     fmt = q.get("format", [None])[-1]
     if fmt is not None and fmt not in FORMATS:
         raise StageError(f"unknown format {fmt!r} in URL fragment", hint="use format=raw or format=qcow2")
@@ -80,7 +82,11 @@ def _unknown_scheme(scheme: str, text: str) -> TransferFailed:
 
 
 def parse_source(
-    text: str, *, endpoint_url: str | None = None, accept_new_host_key: bool = False, fmt: str | None = None,
+    text: str,
+    *,
+    endpoint_url: str | None = None,
+    accept_new_host_key: bool = False,
+    fmt: str | None = None,
     sha256: str | None = None,
 ) -> Source:
     """Parse SOURCE; a manifest.json is read (its rootfs becomes the source, with its format and sha256)."""
@@ -108,8 +114,9 @@ def parse_source(
         src = replace(src, format=fmt)
     if sha is not None:
         if src.sha256 is not None and src.sha256 != sha:
-            raise StageError("--sha256 contradicts the checksum the source names",
-                             hint="check which one is right")
+            raise StageError(
+                "--sha256 contradicts the checksum the source names", hint="check which one is right"
+            )
         src = replace(src, sha256=sha)
     return src
 
@@ -122,8 +129,13 @@ def _local(text: str) -> Source:
         if is_manifest(p):
             man = load(p)
             root = man.rootfs_path
-            return Source(kind="file", text=text, path=os.fspath(root), format=man.rootfs.format,
-                          sha256=check_sha256(man.rootfs.sha256) if man.rootfs.sha256 else None)
+            return Source(
+                kind="file",
+                text=text,
+                path=os.fspath(root),
+                format=man.rootfs.format,
+                sha256=check_sha256(man.rootfs.sha256) if man.rootfs.sha256 else None,
+            )
     return Source(kind="file", text=text, path=os.path.abspath(text))
 
 
@@ -144,20 +156,40 @@ def _url(text: str, scheme: str, *, display: str | None = None) -> Source:
         if not host:
             raise StageError(f"URL has no host: {shown!r}")
         url = parts._replace(fragment="").geturl()
-        return Source(kind="http", text=shown, path=unquote(parts.path), url=url, host=host, port=port,
-                      sha256=sha, format=fmt)
+        return Source(
+            kind="http",
+            text=shown,
+            path=unquote(parts.path),
+            url=url,
+            host=host,
+            port=port,
+            sha256=sha,
+            format=fmt,
+        )
     if scheme == "s3":
         key = unquote(parts.path.lstrip("/"))
         if not host or not key:
             raise StageError(f"S3 URL needs a bucket and a key: {shown!r}", hint="s3://BUCKET/KEY")
-        return Source(kind="s3", text=shown, path=key, host=parts.netloc.split("@")[-1], sha256=sha, format=fmt)
+        return Source(
+            kind="s3", text=shown, path=key, host=parts.netloc.split("@")[-1], sha256=sha, format=fmt
+        )
     if scheme == "sftp":
         if not host or not parts.path or parts.path == "/":
-            raise StageError(f"SFTP URL needs a host and a path: {shown!r}", hint="sftp://user@host/abs/path")
+            raise StageError(
+                f"SFTP URL needs a host and a path: {shown!r}", hint="sftp://user@host/abs/path"
+            )
         if parts.password:
             raise StageError("passwords in sftp:// URLs are not accepted", hint="use an SSH key")
-        return Source(kind="sftp", text=shown, path=unquote(parts.path), host=host, port=port,
-                      user=unquote(parts.username or ""), sha256=sha, format=fmt)
+        return Source(
+            kind="sftp",
+            text=shown,
+            path=unquote(parts.path),
+            host=host,
+            port=port,
+            user=unquote(parts.username or ""),
+            sha256=sha,
+            format=fmt,
+        )
     raise _unknown_scheme(scheme, shown)
 
 
@@ -172,5 +204,7 @@ def parse_vmimage(text: str) -> Source:
         raise _unknown_scheme(scheme, text)
     src = _url(f"{transport}://{rest}", transport, display=text)
     if src.kind == "file" and not src.path.startswith("/"):
-        raise StageError(f"vmimage URL must name an absolute path: {text!r}", hint="vmimage:///abs/path/base.qcow2")
+        raise StageError(
+            f"vmimage URL must name an absolute path: {text!r}", hint="vmimage:///abs/path/base.qcow2"
+        )
     return src

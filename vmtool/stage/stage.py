@@ -74,20 +74,26 @@ def check_name(name: str) -> str:
 
 
 def stage(
-    src: Source, into: str | os.PathLike[str], cache: Cache, *, name: str | None = None, force: bool = False,
-    deadline: float | None = None, progress: bool = True,
+    src: Source,
+    into: str | os.PathLike[str],
+    cache: Cache,
+    *,
+    name: str | None = None,
+    force: bool = False,
+    deadline: float | None = None,
+    progress: bool = True,
 ) -> StageResult:
     name = check_name(name or default_name(src))
     into_p = Path(os.path.abspath(into))
-    try:
-        into_p.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise os_error(e, f"cannot create {into_p}") from None
     dest = into_p / name
     if (dest.exists() or dest.is_symlink()) and not force:
         raise OutputExists(f"{dest} already exists", hint="remove it or choose another --name")
     for _attempt in range(3):
         b = _resolve_base(src, cache, deadline=deadline, progress=progress)
+        try:
+            into_p.mkdir(parents=True, exist_ok=True)  # only now: a failed stage leaves no empty DIR
+        except OSError as e:
+            raise os_error(e, f"cannot create {into_p}") from None
         with cache.lock(f"base-{b.sha256}", shared=True):
             base = cache.base_path(b.sha256, b.format)
             if not base.exists():
@@ -95,9 +101,19 @@ def stage(
             _make_overlay(base, b.format, b.virtual_size, dest)
             cache.add_ref(b.sha256, dest)
             cache.touch(b.sha256)
-        return StageResult(overlay=dest, base=base, sha256=b.sha256, format=b.format, virtual_size=b.virtual_size,
-                           cache_hit=b.hit, fetched_bytes=b.fetched, source=src.text)
-    raise StageError(f"the cached base for {src.text} keeps disappearing", hint="is a prune running in a loop?")
+        return StageResult(
+            overlay=dest,
+            base=base,
+            sha256=b.sha256,
+            format=b.format,
+            virtual_size=b.virtual_size,
+            cache_hit=b.hit,
+            fetched_bytes=b.fetched,
+            source=src.text,
+        )
+    raise StageError(
+        f"the cached base for {src.text} keeps disappearing", hint="is a prune running in a loop?"
+    )
 
 
 def _from_meta(cache: Cache, sha: str, fmt: str) -> int:
@@ -105,7 +121,9 @@ def _from_meta(cache: Cache, sha: str, fmt: str) -> int:
     if vsize <= 0:  # meta lost: the base was verified when it entered the cache, read its size
         from vmtool.stage.inspect import qemu_img_info
 
-        vsize = int(qemu_img_info(cache.base_path(sha, fmt), fmt, what="cached base").get("virtual-size") or 0)
+        vsize = int(
+            qemu_img_info(cache.base_path(sha, fmt), fmt, what="cached base").get("virtual-size") or 0
+        )
     return vsize
 
 
@@ -137,7 +155,9 @@ def _index_hit(src: Source, cache: Cache, ident: str) -> _Base | None:
     if src.sha256 and sha != src.sha256:
         raise TransferFailed(
             f"checksum mismatch for {src.text}: expected sha256 {src.sha256}, the source has {sha}",
-            error_type="Specification", server=src.server, hint="check --sha256, or the source changed",
+            error_type="Specification",
+            server=src.server,
+            hint="check --sha256, or the source changed",
         )
     if src.format and fmt != src.format:
         raise StageError(f"{src.text} is a {fmt} image, not {src.format}", hint="check --format")
@@ -145,7 +165,13 @@ def _index_hit(src: Source, cache: Cache, ident: str) -> _Base | None:
 
 
 def _fetch_into_cache(
-    src: Source, cache: Cache, ident: str, owner: str, *, deadline: float | None, progress: bool,
+    src: Source,
+    cache: Cache,
+    ident: str,
+    owner: str,
+    *,
+    deadline: float | None,
+    progress: bool,
 ) -> _Base:
     tmp = cache.root / "tmp" / f"{owner}.{os.getpid()}.part"
     bar = Progress(f"fetching {src.basename}") if progress else None
@@ -161,15 +187,19 @@ def _fetch_into_cache(
                 sha = sink.finish()
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                    raise TransferFailed("no space left in the cache while fetching", failure_type="NoSpace",
-                                         hint="free space (vmtool cache prune) or use another --cache") from None
+                    raise TransferFailed(
+                        "no space left in the cache while fetching",
+                        failure_type="NoSpace",
+                        hint="free space (vmtool cache prune) or use another --cache",
+                    ) from None
                 raise os_error(e, "cannot write the fetched image") from None
         if bar is not None:
             bar.close()
         if src.sha256 and sha != src.sha256:
             raise TransferFailed(
                 f"checksum mismatch for {src.text}: expected sha256 {src.sha256}, got {sha}",
-                error_type="Specification", server=src.server,
+                error_type="Specification",
+                server=src.server,
                 hint="the image is corrupt or not the one you meant; check --sha256",
             )
         info = check_base(tmp, src.format, what=src.text)
@@ -179,10 +209,17 @@ def _fetch_into_cache(
         sources = list(meta.get("sources") or [])
         if src.text not in sources:
             sources.append(src.text)
-        cache.write_meta(sha, {
-            "sha256": sha, "format": info.format, "size": sink.size, "virtual_size": info.virtual_size,
-            "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sources": sources[-20:],
-        })
+        cache.write_meta(
+            sha,
+            {
+                "sha256": sha,
+                "format": info.format,
+                "size": sink.size,
+                "virtual_size": info.virtual_size,
+                "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "sources": sources[-20:],
+            },
+        )
         if base.exists():
             tmp.unlink()
         else:
@@ -210,7 +247,22 @@ def _make_overlay(base: Path, fmt: str, vsize: int, dest: Path) -> None:
     # -u: do not open the base (it was verified on entry to the cache); size and format are explicit.
     try:
         with atomic_path(dest, mode=0o644) as tmp:
-            run(["qemu-img", "create", "-q", "-u", "-f", "qcow2", "-F", fmt, "-b", os.fspath(base),
-                 os.fspath(tmp), str(vsize)], timeout=60)
+            run(
+                [
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-u",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    fmt,
+                    "-b",
+                    os.fspath(base),
+                    os.fspath(tmp),
+                    str(vsize),
+                ],
+                timeout=60,
+            )
     except OSError as e:
         raise os_error(e, f"cannot write {dest}") from None

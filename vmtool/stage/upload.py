@@ -1,7 +1,9 @@
 """Upload a local file to a Source's location (the plugin's -upload direction): http(s) PUT, S3, SFTP.
 
 Local destinations are not handled here: the plugin only writes inside the job sandbox and checks
-that itself before calling copy_local().
+that itself before calling copy_local(). An overlay staged by vmtool is flattened first (its base
+lives only in this node's cache); a qcow2 naming any other backing file, or a data file, is refused
+rather than read, since its header is the job's to write.
 """
 
 from __future__ import annotations
@@ -12,10 +14,55 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from vmtool.errors import TransferFailed
+from vmtool.errors import ImageError, TransferFailed
 from vmtool.fsutil import atomic_path
+from vmtool.run import run
+from vmtool.stage.cache import BASE_RE, Cache
 from vmtool.stage.fetch import IO_TIMEOUT, _http_error, _s3_client, _s3_error, _sftp
+from vmtool.stage.inspect import qcow2_header_refs, sniff
 from vmtool.stage.sources import Source
+
+
+def _opt(value: str) -> str:
+    return value.replace(",", ",,")  # qemu option syntax: a comma inside a value is doubled
+
+
+def flatten_if_overlay(
+    local: Path, cache: Cache, workdir: Path, *, timeout: float | None = None
+) -> Path | None:
+    """A standalone qcow2 of `local` in `workdir` if it is an overlay on a cached base; None if `local`
+    needs no flattening. The base's format is given explicitly, never taken from the overlay."""
+    if sniff(local) != "qcow2":
+        return None
+    backing, data_file = qcow2_header_refs(local)
+    if data_file:
+        raise ImageError(
+            f"{local.name} has an external data file: not uploaded", hint="upload a standalone image"
+        )
+    if backing is None:
+        return None
+    base = Path(os.path.realpath(backing))
+    m = BASE_RE.match(base.name)
+    if base.parent != (cache.root / "bases").resolve() or not m or not base.is_file():
+        raise ImageError(
+            f"{local.name} is backed by {backing!r}, which is not a base in vmtool's cache: not uploaded",
+            hint="upload a standalone image (qemu-img convert -O qcow2 ...)",
+        )
+    out = workdir / f".{local.name}.flat.{os.getpid()}.tmp"
+    opts = (
+        f"driver=qcow2,file.driver=file,file.filename={_opt(os.fspath(local))},"
+        f"backing.driver={m.group(2)},backing.file.driver=file,backing.file.filename={_opt(os.fspath(base))}"
+    )
+    try:
+        run(
+            ["qemu-img", "convert", "-q", "-U", "--image-opts", opts, "-O", "qcow2", os.fspath(out)],
+            timeout=timeout,
+        )
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            out.unlink()
+        raise
+    return out
 
 
 def upload(local: Path, dest: Source) -> int:
@@ -43,8 +90,16 @@ def _put_http(local: Path, dest: Source, size: int) -> None:
     import urllib.request
 
     with open(local, "rb") as f:
-        req = urllib.request.Request(dest.url, data=f, method="PUT", headers={
-            "Content-Length": str(size), "Content-Type": "application/octet-stream", "User-Agent": "vmtool-stage"})
+        req = urllib.request.Request(
+            dest.url,
+            data=f,
+            method="PUT",
+            headers={
+                "Content-Length": str(size),
+                "Content-Type": "application/octet-stream",
+                "User-Agent": "vmtool-stage",
+            },
+        )
         try:
             with urllib.request.urlopen(req, timeout=IO_TIMEOUT) as r:
                 r.read()
