@@ -73,7 +73,7 @@ def _virsh_answers(uri: str) -> bool:
 
 
 @contextlib.contextmanager
-def _libvirtd(uri: str, say: Say, logdir: Path) -> Iterator[None]:
+def libvirtd_running(uri: str, say: Say, logdir: Path) -> Iterator[None]:
     """Use the running libvirtd, or start virtlogd + libvirtd for the demo and stop them afterwards."""
     if _virsh_answers(uri):
         yield
@@ -105,7 +105,7 @@ def _libvirtd(uri: str, say: Say, logdir: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _beanstalkd(binlog: Path) -> Iterator[tuple[str, int]]:
+def local_beanstalkd(binlog: Path) -> Iterator[tuple[str, int]]:
     port = _free_port()
     binlog.mkdir(parents=True, exist_ok=True)
     proc = spawn([find_tool("beanstalkd"), "-l", "127.0.0.1", "-p", str(port), "-b", os.fspath(binlog)],
@@ -200,8 +200,8 @@ def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
                        name="root.qcow2", progress=False)
         timed("stage", t0)
 
-        stack.enter_context(_libvirtd(opts.uri, say, top))
-        addr = stack.enter_context(_beanstalkd(top / "binlog"))
+        stack.enter_context(libvirtd_running(opts.uri, say, top))
+        addr = stack.enter_context(local_beanstalkd(top / "binlog"))
         say(f"beanstalkd on {addr[0]}:{addr[1]} (binlog in the demo directory)")
         parent = stack.enter_context(_slot_cgroup(opts, say))
 

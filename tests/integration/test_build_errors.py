@@ -40,7 +40,9 @@ def fails(capsys: pytest.CaptureFixture[str], argv: list[str], out: Path | None,
     return lines[0]
 
 
-def build_fails(capsys: pytest.CaptureFixture[str], disk: Path, tmp_path: Path, match: str, *extra: str) -> str:
+def build_fails(
+    capsys: pytest.CaptureFixture[str], disk: Path, tmp_path: Path, match: str, *extra: str
+) -> str:
     out = tmp_path / "out"
     return fails(capsys, ["build", str(disk), "-o", str(out), *extra], out, match)
 
@@ -58,8 +60,9 @@ def test_empty_and_missing_files(tmp_path: Path, capsys: pytest.CaptureFixture[s
     build_fails(capsys, tmp_path / "nope.img", tmp_path, "no such file")
 
 
-def test_truncated_image_partition_past_the_end(default_disk: Path, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_truncated_image_partition_past_the_end(
+    default_disk: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     disk = tmp_path / "truncated.raw"
     shutil.copyfile(default_disk, disk)
     os.truncate(disk, 100 * MiB)
@@ -83,8 +86,9 @@ def test_overlapping_partitions(tmp_path: Path, capsys: pytest.CaptureFixture[st
     build_fails(capsys, disk, tmp_path, "partitions 1 and 2 overlap")
 
 
-def _rewrite_lvm_text(img: Path, facts: dict[str, Any], change: Callable[[bytes], bytes], *,
-                      fix_crc: bool = True) -> None:
+def _rewrite_lvm_text(
+    img: Path, facts: dict[str, Any], change: Callable[[bytes], bytes], *, fix_crc: bool = True
+) -> None:
     part = facts["partitions"][-1]
     pv_off, pv_size = part["start_mib"] * MiB, part["size_mib"] * MiB
     with open(img, "r+b") as f:
@@ -113,23 +117,26 @@ def lvm_disk(guest_tree_dir: Path, tmp_path: Path) -> tuple[Path, dict[str, Any]
     return disk, facts
 
 
-def test_lv_extents_outside_the_pv(lvm_disk: tuple[Path, dict[str, Any]], tmp_path: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_lv_extents_outside_the_pv(
+    lvm_disk: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     disk, facts = lvm_disk
     pe = facts["lvm"]["lv_root"][0][0]
     _rewrite_lvm_text(disk, facts, lambda t: t.replace(f'"pv0", {pe}\n'.encode(), b'"pv0", 4000\n'))
     build_fails(capsys, disk, tmp_path, r"lv_root: extents 4000-.* lie outside PV pv0")
 
 
-def test_lvm_metadata_that_does_not_parse(lvm_disk: tuple[Path, dict[str, Any]], tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_lvm_metadata_that_does_not_parse(
+    lvm_disk: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     disk, facts = lvm_disk
     _rewrite_lvm_text(disk, facts, lambda t: t.replace(b"logical_volumes {", b"logical_volumes { = [", 1))
     build_fails(capsys, disk, tmp_path, "LVM metadata does not parse")
 
 
-def test_lvm_metadata_checksum_damaged(lvm_disk: tuple[Path, dict[str, Any]], tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_lvm_metadata_checksum_damaged(
+    lvm_disk: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     disk, facts = lvm_disk
     _rewrite_lvm_text(disk, facts, lambda t: t.replace(b"lv_root", b"lv_ruut", 1), fix_crc=False)
     build_fails(capsys, disk, tmp_path, "LVM metadata is unreadable: metadata text checksum does not match")
@@ -172,8 +179,9 @@ def test_no_root_filesystem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     build_fails(capsys, disk, tmp_path, "no root filesystem found")
 
 
-def test_several_candidate_roots_then_root_option(guest_tree_dir: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_several_candidate_roots_then_root_option(
+    guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     tree = tmp_path / "tree"
     shutil.copytree(guest_tree_dir, tree, symlinks=True)
     k, i, ver = newest_host_kernel()
@@ -184,8 +192,12 @@ def test_several_candidate_roots_then_root_option(guest_tree_dir: Path, tmp_path
     assert "/dev/sda1 (ext4)" in msg and "/dev/sda2 (ext4)" in msg
     assert main(["build", str(disk), "-o", str(tmp_path / "out"), "--root", "/dev/sda2"]) == 0
     assert (tmp_path / "out/manifest.json").exists()
-    fails(capsys, ["build", str(disk), "-o", str(tmp_path / "o2"), "--root", "/dev/sda9"], tmp_path / "o2",
-          "no such volume")
+    fails(
+        capsys,
+        ["build", str(disk), "-o", str(tmp_path / "o2"), "--root", "/dev/sda9"],
+        tmp_path / "o2",
+        "no such volume",
+    )
 
 
 def test_no_kernel(guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -194,24 +206,40 @@ def test_no_kernel(guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureF
     build_fails(capsys, disk, tmp_path, "no kernel found")
 
 
-def test_kernel_symlink_outside_the_guest(guest_tree_dir: Path, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_kernel_symlink_outside_the_guest(
+    guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     disk = tmp_path / "evil.raw"
-    make_whole_disk(disk, tree=guest_tree_dir, boot="partition", root="partition",
-                    boot_symlinks={"vmlinuz-9.9.9-1-amd64": "../../../../../../etc/shadow",
-                                   "initrd.img-9.9.9-1-amd64": "initrd.img-6.1.0-9-amd64"})
+    make_whole_disk(
+        disk,
+        tree=guest_tree_dir,
+        boot="partition",
+        root="partition",
+        boot_symlinks={
+            "vmlinuz-9.9.9-1-amd64": "../../../../../../etc/shadow",
+            "initrd.img-9.9.9-1-amd64": "initrd.img-6.1.0-9-amd64",
+        },
+    )
     build_fails(capsys, disk, tmp_path, "symlink points outside the guest filesystem")
 
 
-def test_kernel_symlink_leaving_boot(guest_tree_dir: Path, tmp_path: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_kernel_symlink_leaving_boot(
+    guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     disk = tmp_path / "evil2.raw"
-    make_whole_disk(disk, tree=guest_tree_dir, boot="partition", root="partition",
-                    boot_symlinks={"vmlinuz-9.9.9-1-amd64": "/etc/passwd"})
+    make_whole_disk(
+        disk,
+        tree=guest_tree_dir,
+        boot="partition",
+        root="partition",
+        boot_symlinks={"vmlinuz-9.9.9-1-amd64": "/etc/passwd"},
+    )
     build_fails(capsys, disk, tmp_path, "points outside the /boot filesystem")
 
 
-def test_qcow2_with_backing_file(default_disk: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_qcow2_with_backing_file(
+    default_disk: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     q = tmp_path / "overlay.qcow2"
     run(["qemu-img", "create", "-f", "qcow2", "-b", str(default_disk), "-F", "raw", str(q)])
     build_fails(capsys, q, tmp_path, "backing file")
@@ -224,8 +252,9 @@ def test_qcow2_with_data_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     build_fails(capsys, q, tmp_path, "external data file")
 
 
-def test_xfs_root_refused_by_native_backend_and_label_too_long(guest_tree_dir: Path, tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_xfs_root_refused_by_native_backend_and_label_too_long(
+    guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     disk = tmp_path / "xfs.raw"
     make_whole_disk(disk, tree=guest_tree_dir, boot="partition", root="partition", fstype="xfs")
     msg = build_fails(capsys, disk, tmp_path, "native backend changes only ext2/3/4", "--backend", "native")
@@ -236,7 +265,9 @@ def test_xfs_root_refused_by_native_backend_and_label_too_long(guest_tree_dir: P
     build_fails(capsys, disk, tmp_path, "xfs labels are limited to 12 bytes")
 
 
-def test_outdir_not_empty_needs_force(default_disk: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_outdir_not_empty_needs_force(
+    default_disk: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -262,8 +293,9 @@ def test_disk_full(default_disk: Path, tmp_path: Path, capsys: pytest.CaptureFix
         run(["umount", str(small)], check=False)
 
 
-def test_unsupported_format_and_bad_label(default_disk: Path, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_unsupported_format_and_bad_label(
+    default_disk: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     vmdk = tmp_path / "d.vmdk"
     vmdk.write_bytes(b"KDMV" + bytes(4096))
     build_fails(capsys, vmdk, tmp_path, "vmdk images are not supported")

@@ -16,7 +16,9 @@ from vmtool.images.disk import make_whole_disk
 
 pytestmark = pytest.mark.integration
 
-guestfs = pytest.importorskip("guestfs", reason="the libguestfs Python binding (python3-guestfs) is not installed")
+guestfs = pytest.importorskip(
+    "guestfs", reason="the libguestfs Python binding (python3-guestfs) is not installed"
+)
 
 
 def _data(img: Path) -> bytes:
@@ -38,11 +40,20 @@ def _data(img: Path) -> bytes:
     return bytes(out)
 
 
-def test_xfs_root_on_lvm_through_guestfs(guest_tree_dir: Path, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_xfs_root_on_lvm_through_guestfs(
+    guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     disk = tmp_path / "xfs.qcow2"
-    facts = make_whole_disk(disk, tree=guest_tree_dir, table="gpt", boot="partition", root="lvm", fstype="xfs",
-                            fstab_style="uuid", fmt="qcow2")
+    facts = make_whole_disk(
+        disk,
+        tree=guest_tree_dir,
+        table="gpt",
+        boot="partition",
+        root="lvm",
+        fstype="xfs",
+        fstab_style="uuid",
+        fmt="qcow2",
+    )
     assert main(["inspect", str(disk), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["root"] == "/dev/vg0/lv_root" and "guestfs" in d["root_reason"]
@@ -60,7 +71,9 @@ def test_xfs_root_on_lvm_through_guestfs(guest_tree_dir: Path, tmp_path: Path,
     rootfs = out / "rootfs.img"
     with open(rootfs, "rb") as f:
         fs = probe(f, 0, os.path.getsize(rootfs))
-    assert fs is not None and fs.type == "xfs" and fs.label == "img-rootfs" and fs.uuid == facts["root"]["uuid"]
+    assert (
+        fs is not None and fs.type == "xfs" and fs.label == "img-rootfs" and fs.uuid == facts["root"]["uuid"]
+    )
     assert m["fstab"]["before"] == facts["fstab"]
     assert "LABEL=img-rootfs\t/\txfs\tdefaults\t0 1" in m["fstab"]["after"].splitlines()
     data = _data(rootfs)
@@ -68,6 +81,8 @@ def test_xfs_root_on_lvm_through_guestfs(guest_tree_dir: Path, tmp_path: Path,
     assert key.read_bytes() in data
     k, _i, ver = newest_host_kernel()
     assert m["kernel"]["version"] == ver
-    assert hashlib.sha256((out / m["kernel"]["path"]).read_bytes()).hexdigest() == hashlib.sha256(
-        k.read_bytes()).hexdigest()
+    assert (
+        hashlib.sha256((out / m["kernel"]["path"]).read_bytes()).hexdigest()
+        == hashlib.sha256(k.read_bytes()).hexdigest()
+    )
     assert m["rootfs"]["allocated_size"] < m["rootfs"]["virtual_size"] / 4

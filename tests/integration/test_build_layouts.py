@@ -52,8 +52,14 @@ def same_files(rootfs: Path, tree: Path, work: Path) -> None:
     assert checked > 3
 
 
-def check_ext_output(out: Path, m: dict[str, Any], facts: dict[str, Any], *, label: str = "cloudimg-rootfs",
-                     tree: Path | None = None) -> None:
+def check_ext_output(
+    out: Path,
+    m: dict[str, Any],
+    facts: dict[str, Any],
+    *,
+    label: str = "cloudimg-rootfs",
+    tree: Path | None = None,
+) -> None:
     rootfs = out / m["rootfs"]["path"]
     if tree is not None and m["rootfs"]["format"] == "raw":
         same_files(rootfs, tree, out.parent)
@@ -92,14 +98,16 @@ def test_default_build(default_build: Path, default_disk_facts: dict[str, Any]) 
     assert m["build"]["backend"] == "native" and m["build"]["root"] == "/dev/vg0/lv_root"
     assert m["build"]["boot"] == "/dev/sda1"
     assert sorted(p.name for p in default_build.iterdir()) == sorted(
-        ["manifest.json", "rootfs.img", m["kernel"]["path"], m["initrd"]["path"]])
+        ["manifest.json", "rootfs.img", m["kernel"]["path"], m["initrd"]["path"]]
+    )
     rootfs = default_build / "rootfs.img"
     assert m["rootfs"]["sha256"] == sha(rootfs)
     assert m["rootfs"]["allocated_size"] == os.stat(rootfs).st_blocks * 512
 
 
-def test_inspect_default_disk(default_disk: Path, default_disk_facts: dict[str, Any],
-                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_default_disk(
+    default_disk: Path, default_disk_facts: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["inspect", str(default_disk), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["partition_table"]["kind"] == "gpt"
@@ -111,7 +119,11 @@ def test_inspect_default_disk(default_disk: Path, default_disk_facts: dict[str, 
     assert fs["/dev/vg0/lv_root"]["role"] == "root" and fs["/dev/sda1"]["role"] == "boot"
     assert fs["/dev/vg0/lv_swap"]["fstype"] == "swap"
     assert d["newest_kernel"] == newest_host_kernel()[2]
-    assert {k["version"] for k in d["kernels"]} == {newest_host_kernel()[2], "6.1.0-9-amd64", "5.10.0-28-amd64"}
+    assert {k["version"] for k in d["kernels"]} == {
+        newest_host_kernel()[2],
+        "6.1.0-9-amd64",
+        "5.10.0-28-amd64",
+    }
     assert main(["inspect", str(default_disk)]) == 0
     text = capsys.readouterr().out
     assert "root: /dev/vg0/lv_root" in text and "(newest)" in text and "/dev/sda1" in text
@@ -127,31 +139,50 @@ LAYOUTS = [
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: "-".join(str(v) for v in d.values()))
-def test_build_layouts(layout: dict[str, Any], guest_tree_dir: Path, tmp_path: Path,
-                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_build_layouts(
+    layout: dict[str, Any], guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     facts = make_whole_disk(tmp_path / "disk.raw", tree=guest_tree_dir, **layout)
     m = build(capsys, str(tmp_path / "disk.raw"), "-o", str(tmp_path / "out"))
     check_ext_output(tmp_path / "out", m, facts, tree=guest_tree_dir)
-    want_root = f"/dev/{facts['vg']}/lv_root" if layout["root"] == "lvm" else f"/dev/sda{facts['root']['partition']}"
+    want_root = (
+        f"/dev/{facts['vg']}/lv_root" if layout["root"] == "lvm" else f"/dev/sda{facts['root']['partition']}"
+    )
     assert m["build"]["root"] == want_root
     assert (m["build"]["boot"] is None) == (layout["boot"] == "dir")
 
 
-def test_qcow2_source_rootfs_qcow2_and_ssh_keys(guest_tree_dir: Path, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    facts = make_whole_disk(tmp_path / "disk.qcow2", tree=guest_tree_dir, table="gpt", boot="partition",
-                            root="lvm", fmt="qcow2")
+def test_qcow2_source_rootfs_qcow2_and_ssh_keys(
+    guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    facts = make_whole_disk(
+        tmp_path / "disk.qcow2", tree=guest_tree_dir, table="gpt", boot="partition", root="lvm", fmt="qcow2"
+    )
     k1 = tmp_path / "a.pub"
     k1.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey1 one@example\n")
     k2 = tmp_path / "b.pub"
     k2.write_text("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQKey2 two@example")
-    m = build(capsys, str(tmp_path / "disk.qcow2"), "-o", str(tmp_path / "out"), "--rootfs-format", "qcow2",
-              "--ssh-key", str(k1), "--ssh-key", str(k2), "--label", "myroot")
+    m = build(
+        capsys,
+        str(tmp_path / "disk.qcow2"),
+        "-o",
+        str(tmp_path / "out"),
+        "--rootfs-format",
+        "qcow2",
+        "--ssh-key",
+        str(k1),
+        "--ssh-key",
+        str(k2),
+        "--label",
+        "myroot",
+    )
     out = tmp_path / "out"
     assert m["source"]["format"] == "qcow2" and m["rootfs"]["format"] == "qcow2"
     assert m["rootfs"]["path"] == "rootfs.qcow2" and not (out / "rootfs.img").exists()
     assert not any(p.name.startswith(".") for p in out.iterdir())
-    info = json.loads(run(["qemu-img", "info", "-f", "qcow2", "--output=json", str(out / "rootfs.qcow2")]).stdout)
+    info = json.loads(
+        run(["qemu-img", "info", "-f", "qcow2", "--output=json", str(out / "rootfs.qcow2")]).stdout
+    )
     assert info["virtual-size"] == m["rootfs"]["virtual_size"]
     raw = tmp_path / "check.raw"
     run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(out / "rootfs.qcow2"), str(raw)])
@@ -167,26 +198,37 @@ def test_qcow2_source_rootfs_qcow2_and_ssh_keys(guest_tree_dir: Path, tmp_path: 
     assert m["source"]["sha256"] == sha(tmp_path / "disk.qcow2")
 
 
-def test_kernel_version_selects_an_older_kernel(default_disk: Path, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_kernel_version_selects_an_older_kernel(
+    default_disk: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     m = build(capsys, str(default_disk), "-o", str(tmp_path / "out"), "--kernel-version", "6.1.0-9-amd64")
     assert m["kernel"]["path"] == "vmlinuz-6.1.0-9-amd64"
     assert (tmp_path / "out/vmlinuz-6.1.0-9-amd64").read_bytes() == b"decoy kernel 6.1.0-9-amd64\n"
 
 
-def test_kernel_symlinks_resolved_inside_the_guest(guest_tree_dir: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_kernel_symlinks_resolved_inside_the_guest(
+    guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """/boot/vmlinuz-7.0.0-1-amd64 -> vmlinuz-6.1.0-9-amd64 (relative, inside /boot): followed in the guest."""
-    make_whole_disk(tmp_path / "disk.raw", tree=guest_tree_dir, boot="partition", root="partition",
-                    boot_symlinks={"vmlinuz-7.0.0-1-amd64": "/boot/vmlinuz-6.1.0-9-amd64",
-                                   "initrd.img-7.0.0-1-amd64": "initrd.img-6.1.0-9-amd64"})
+    make_whole_disk(
+        tmp_path / "disk.raw",
+        tree=guest_tree_dir,
+        boot="partition",
+        root="partition",
+        boot_symlinks={
+            "vmlinuz-7.0.0-1-amd64": "/boot/vmlinuz-6.1.0-9-amd64",
+            "initrd.img-7.0.0-1-amd64": "initrd.img-6.1.0-9-amd64",
+        },
+    )
     m = build(capsys, str(tmp_path / "disk.raw"), "-o", str(tmp_path / "out"))
     assert m["kernel"]["version"] == "7.0.0-1-amd64"
     assert (tmp_path / "out/vmlinuz-7.0.0-1-amd64").read_bytes() == b"decoy kernel 6.1.0-9-amd64\n"
     assert not (tmp_path / "out/vmlinuz-7.0.0-1-amd64").is_symlink()
 
 
-def test_missing_fstab_is_created(guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_fstab_is_created(
+    guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     make_whole_disk(tmp_path / "disk.raw", tree=guest_tree_dir, boot="dir", root="partition", fstab=False)
     m = build(capsys, str(tmp_path / "disk.raw"), "-o", str(tmp_path / "out"))
     assert m["fstab"]["before"] is None
@@ -194,7 +236,9 @@ def test_missing_fstab_is_created(guest_tree_dir: Path, tmp_path: Path, capsys: 
     assert "LABEL=cloudimg-rootfs\t/\text4\tdefaults\t0 1" in text.splitlines()
 
 
-def test_bare_filesystem_disk(guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bare_filesystem_disk(
+    guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A disk that is one filesystem with no partition table (root with /boot inside)."""
     import shutil
 
@@ -208,8 +252,9 @@ def test_bare_filesystem_disk(guest_tree_dir: Path, tmp_path: Path, capsys: pyte
     assert m["build"]["root"] == "/dev/sda" and m["kernel"]["version"] == ver
 
 
-def test_sparse_extraction_keeps_holes(default_disk: Path, default_disk_facts: dict[str, Any],
-                                       default_build: Path) -> None:
+def test_sparse_extraction_keeps_holes(
+    default_disk: Path, default_disk_facts: dict[str, Any], default_build: Path
+) -> None:
     """Allocated bytes of rootfs.img stay close to the allocated bytes of the LV's region in the source."""
     from vmtool.image.extract import _data_runs
 

@@ -14,12 +14,15 @@ from vmtool.run import run
 pytestmark = pytest.mark.integration
 
 
-def test_agent_files_written_into_the_rootfs(default_disk: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_agent_files_written_into_the_rootfs(
+    default_disk: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from vmtool.queue.agent import AGENT_VERSION, agent_files
 
     capsys.readouterr()
-    assert main(["build", str(default_disk), "-o", str(tmp_path / "out"), "--agent", "direct", "--json"]) == 0
+    assert (
+        main(["build", str(default_disk), "-o", str(tmp_path / "out"), "--agent", "direct", "--json"]) == 0
+    )
     m = json.loads(capsys.readouterr().out)
     assert m["agent"] == {"mode": "direct", "version": AGENT_VERSION}
     rootfs = tmp_path / "out/rootfs.img"
@@ -31,11 +34,22 @@ def test_agent_files_written_into_the_rootfs(default_disk: Path, tmp_path: Path,
     run(["e2fsck", "-fn", str(rootfs)])
 
 
-def test_disk_is_assembled_and_recorded(default_disk: Path, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_disk_is_assembled_and_recorded(
+    default_disk: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     capsys.readouterr()
-    rc = main(["build", str(default_disk), "-o", str(tmp_path / "out"), "--disk", "--disk-format", "qcow2",
-               "--json"])
+    rc = main(
+        [
+            "build",
+            str(default_disk),
+            "-o",
+            str(tmp_path / "out"),
+            "--disk",
+            "--disk-format",
+            "qcow2",
+            "--json",
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     m = json.loads(cap.out)

@@ -52,10 +52,15 @@ def test_libvirt_refusal_leaves_nothing(libvirt_uri: str, tmp_path: Path, fake_s
 
 def test_cgroup_failure_is_exact_and_no_cgroup_skips_it(libvirt_uri: str, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    report = tmp_path / "report.json"
     rc = main(["launch", "--manifest", str(_fake_manifest(tmp_path)), "--disk", str(_overlay(tmp_path)),
-               "--sandbox", str(tmp_path), "--uri", libvirt_uri, "--cgroup-parent", "/vmtool-no-such-slot"])
+               "--sandbox", str(tmp_path), "--uri", libvirt_uri, "--cgroup-parent", "/vmtool-no-such-slot",
+               "--report", str(report)])
     err = capsys.readouterr().err
     assert rc == 1 and "the slot's cgroup" in err and "/vmtool-no-such-slot" in err and "--no-cgroup" in err
+    # the report exists even so (a job's output files must), saying why
+    data = json.loads(report.read_text())
+    assert data["exit_reason"] == "error" and data["exit_code"] == 1 and "/vmtool-no-such-slot" in data["detail"]
 
 
 def _fake_manifest(d: Path) -> Path:

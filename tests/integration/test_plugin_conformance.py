@@ -122,6 +122,37 @@ def assert_failure_ad(ad: dict[str, Any], url: str, local: str) -> None:
     assert isinstance(e["ErrorCode"], int) and e["ErrorString"]
 
 
+def starter_outcome(returncode: int, out_text: str, upload: bool) -> tuple[str, int, int]:
+    """How the starter treats a plugin run (htcondor.md 1.3 and V5): (outcome, hold code, subcode)."""
+    code = 12 if upload else 13
+    if returncode < 0:
+        return ("held", code, -returncode)
+    if returncode > 0:
+        return ("held", code, returncode << 8)
+    ads = [dict(a) for a in classad2.parseAds(out_text)]
+    if not ads:
+        return ("vacated", 0, -1004)
+    if upload:
+        for ad in ads:
+            need = ["TransferFileName", "TransferUrl", "TransferSuccess"]
+            if ad.get("TransferSuccess") is False:
+                need.append("TransferError")
+            if any(k not in ad for k in need) or ad.get("TransferSuccess") is not True:
+                return ("held", code, 1 << 8)
+    return ("ok", 0, 0)  # a download with exit 0 succeeds whatever its ads say (V5 g)
+
+
+@pytest.mark.unit
+def test_v5_starter_simulation_itself() -> None:
+    failure = '[ TransferSuccess = false; TransferUrl = "u"; TransferFileName = "f"; TransferError = "e" ]'
+    assert starter_outcome(0, " " * PREALLOC, False) == ("vacated", 0, -1004)  # a
+    assert starter_outcome(0, "This is not a ClassAd!!!", False) == ("vacated", 0, -1004)  # b
+    assert starter_outcome(-9, "", False) == ("held", 13, 9)  # c
+    assert starter_outcome(17, "", False) == ("held", 13, 4352)  # e
+    assert starter_outcome(1, failure, True) == ("held", 12, 256)
+    assert starter_outcome(0, failure, False) == ("ok", 0, 0)  # g: why vmtool must never exit 0 on failure
+
+
 # --- V1 ------------------------------------------------------------------------------------------
 
 
@@ -162,6 +193,7 @@ def test_v2_download_two_files(job: Job, store: HttpServer) -> None:
     for ad in ads:
         assert_success_ad(ad, ad["TransferUrl"], ad["TransferFileName"])
     assert job.user_files() == ["base.qcow2", "seed.iso"]
+    assert starter_outcome(rc, job.outfile.read_text(), False) == ("ok", 0, 0)
     info = run(["qemu-img", "info", "-U", os.fspath(s / "seed.iso")]).stdout.decode()
     assert "backing file format: raw" in info
 
@@ -216,6 +248,7 @@ def test_v3_one_good_one_missing(job: Job, store: HttpServer) -> None:
     }
     assert "404" in f["TransferError"]
     assert job.user_files() == ["base.qcow2"]
+    assert starter_outcome(rc, job.outfile.read_text(), False) == ("held", 13, 256)
 
 
 # --- V4 ------------------------------------------------------------------------------------------
@@ -239,11 +272,13 @@ def test_v4_upload(job: Job, store: HttpServer) -> None:
         assert_success_ad(ad, ad["TransferUrl"], ad["TransferFileName"], "upload")
     assert store.uploads["/up/out1.qcow2"] == (s / "out1.qcow2").read_bytes()
     assert store.uploads["/up/out2.log"] == b"second\n"
+    assert starter_outcome(rc, job.outfile.read_text(), True) == ("ok", 0, 0)
     # A failed upload still names its file and URL (else the starter holds the job after exit 0).
     rc, ads, _ = job.run(f'[ LocalFileName = "{s}/absent"; Url = "{u3}" ]', "-upload")
     assert rc == 1 and len(ads) == 1
     assert_failure_ad(ads[0], u3, f"{s}/absent")
     assert ads[0]["TransferType"] == "upload"
+    assert starter_outcome(rc, job.outfile.read_text(), True) == ("held", 12, 256)
 
 
 # --- V5 and the issue's bad inputs ----------------------------------------------------------------
@@ -388,6 +423,7 @@ def test_time_bound_and_sigterm_still_write_ads(job: Job, store: HttpServer) -> 
     for ad in ads:
         assert_failure_ad(ad, ad["TransferUrl"], ad["TransferFileName"])
         assert dict(ad["TransferErrorData"][0])["FailureType"] == "TimedOut"
+    assert starter_outcome(rc, job.outfile.read_text(), False) == ("held", 13, 256)
     assert job.user_files() == []
     # SIGTERM in the middle of a fetch.
     del job.env["VMTOOL_PLUGIN_TIMEOUT"]
@@ -552,3 +588,24 @@ def test_upload_flattens_staged_overlays_and_refuses_foreign_backing(
     assert_failure_ad(ads[0], up2, f"{s}/evil.qcow2")
     assert "not a base in vmtool's cache" in ads[0]["TransferError"]
     assert "/out/evil.qcow2" not in store.uploads
+
+
+def test_vmimage_host_form_is_https(job: Job, https_server: Any, stage_images: StageImages) -> None:
+    srv = https_server.server
+    (srv.root / "images").mkdir()
+    shutil.copy(stage_images.qcow2, srv.root / "images" / "base.qcow2")
+    s = job.sandbox
+    url = f"vmimage://127.0.0.1:{srv.port}/images/base.qcow2"
+    # Not trusted yet: a clear failure, nothing written.
+    rc, ads, _ = job.run(f'[ LocalFileName = "{s}/base.qcow2"; Url = "{url}" ]')
+    assert rc == 1
+    assert_failure_ad(ads[0], url, f"{s}/base.qcow2")
+    assert "TLS certificate" in ads[0]["TransferError"]
+    assert dict(ads[0]["TransferErrorData"][0])["ErrorType"] == "Authorization"
+    assert job.user_files() == []
+    # With the site's CA installed, the same URL stages over https.
+    job.env["SSL_CERT_FILE"] = os.fspath(https_server.ca)
+    rc, ads, err = job.run(f'[ LocalFileName = "{s}/base.qcow2"; Url = "{url}" ]')
+    assert rc == 0, err
+    assert_success_ad(ads[0], url, f"{s}/base.qcow2")
+    assert srv.gets["/images/base.qcow2"] == 1

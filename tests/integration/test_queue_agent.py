@@ -111,6 +111,8 @@ def test_agent_files_layout() -> None:
 
     with pytest.raises(QueueError, match="unknown agent mode"):
         agent_files("carrier-pigeon")
+    with pytest.raises(QueueError, match="direct-mode guest agent is not available"):
+        agent_files("direct")
 
 
 def test_agent_serves_items_until_stop(agent: AgentOnPty) -> None:
@@ -125,6 +127,11 @@ def test_agent_serves_items_until_stop(agent: AgentOnPty) -> None:
     g = relay.run(1, job_script(it, {"data.bin": payload}), timeout_s=20, max_output=4096)
     assert (g.exit, g.stdout.strip(), g.stderr) == (7, b"1024", b"oops\n")
     assert g.outputs == {"copy.bin": payload}
+
+    # Only plain output names come back (the host would refuse the others).
+    it_names = Item("names", ["sh", "-c", "cd $VMTOOL_OUTDIR && touch 'a b' -- -x .hidden ok.txt"])
+    g_names = relay.run(9, job_script(it_names, {}), timeout_s=20, max_output=4096)
+    assert g_names.exit == 0 and g_names.outputs == {"ok.txt": b""}
 
     # Hostile arguments stay arguments.
     it2 = Item("i2", ["printf", "%s|", "$(echo pwned)", "a b", "'q'"])

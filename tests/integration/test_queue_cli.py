@@ -99,3 +99,17 @@ def test_stats_shows_buried_reasons(beanstalkd: BeanstalkServer, capsys: pytest.
     rc = main(["queue", "stats", "--server", beanstalkd.server, "--tube", "t4"])
     out = capsys.readouterr().out
     assert rc == 0 and "buried job" in out and "failed 3 times" in out
+
+
+def test_work_refuses_images_without_an_agent(beanstalkd: BeanstalkServer, default_build: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["queue", "work", "--server", beanstalkd.server, "--tube", "w"]
+    assert main([*base, "--image", str(tmp_path / "nope.json")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main([*base, "--image", str(default_build / "manifest.json")]) == 1
+    err = capsys.readouterr().err
+    assert "has no vmtool guest agent" in err and "--agent relay" in err
+    assert main([*base, "--image", str(default_build / "rootfs.img")]) == 1  # an overlay: manifest found beside
+    assert "has no vmtool guest agent" in capsys.readouterr().err
+    assert main(["queue"]) == 2
+    assert "put" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """`vmtool launch` with real parts: our own libvirtd, a busybox guest booting the host's kernel under
 TCG (KVM where it works), and a fake HTCondor slot cgroup. Three boots in all, assertions combined:
 
-- A: the CLI in a child process placed in the slot: the guest writes a console line and powers off;
+- A: the CLI in a child process placed in the slot, booting the build issue's `default_build`: the
+  guest writes a console line and powers off;
   qemu (every thread) lives under the slot while it runs; exit 0, a full --report; nothing left.
 - B: the API with a virtio-serial channel and a guest that hogs memory: the channel carries a line,
   then qemu is killed by the slot's limit and it is reported as a memory kill; host and daemon fine.
@@ -76,10 +77,12 @@ def _launch_in_slot(slot: FakeSlot, args: list[str]) -> Popen[bytes]:
                  stdout=PIPE, stderr=PIPE, stdin=DEVNULL)
 
 
-def test_a_poweroff_in_slot_with_report(libvirt_uri: str, guests: dict[str, tuple[Path, Path]],
-                                        fake_slot: FakeSlot, tmp_path: Path) -> None:
-    manifest, img = guests["hello"]
-    ovl = overlay(img, tmp_path / "hello.qcow2")
+def test_a_poweroff_in_slot_with_report(libvirt_uri: str, default_build: Path, fake_slot: FakeSlot,
+                                        tmp_path: Path) -> None:
+    # the build issue's `vmtool build` of the default disk (busybox root, Debian kernel)
+    manifest = default_build / "manifest.json"
+    img = default_build / json.loads(manifest.read_text())["rootfs"]["path"]
+    ovl = overlay(img, tmp_path / "rootfs.qcow2")
     report = tmp_path / "report.json"
     proc = _launch_in_slot(fake_slot, ["--manifest", str(manifest), "--disk", str(ovl), "--sandbox", str(tmp_path),
                                        "--uri", libvirt_uri, "--memory", "512", "--timeout", "240",
@@ -108,7 +111,7 @@ def test_a_poweroff_in_slot_with_report(libvirt_uri: str, guests: dict[str, tupl
     assert data["cgroup"].startswith(f"/sys/fs/cgroup/cpu{fake_slot.rel}/{name}")
     console = Path(data["console_log"]).read_text(errors="replace")
     assert Path(data["console_log"]).parent == tmp_path.resolve()
-    assert "vmtool-test: hello from the guest" in console and "reboot: Power down" in console
+    assert "vmtool-guest: booted" in console and "reboot: Power down" in console
     # nothing left: no domain, no cgroup, qemu gone
     assert name not in _domains(libvirt_uri)
     assert fake_slot.children() == []

@@ -6,6 +6,8 @@ with two VMs covers the faults that happen inside the VMs, one test covers the w
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import signal
@@ -42,7 +44,16 @@ def test_worker_survives_vm_deaths_poison_and_a_beanstalkd_restart(
 ) -> None:
     tube = "rel"
     prefix = f"vmtool-qt{os.getpid()}-"
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "data.txt").write_text("fetched by the worker on the host\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=os.fspath(www))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
     items = [
+        Item("url-ok", ["cat", "data.txt"], {"data.txt": {"url": f"{base}/data.txt"}}),
+        Item("url-bad", ["cat", "data.txt"], {"data.txt": {"url": f"{base}/missing.txt"}}),
         Item("slow", ["sh", "-c", "sleep 6; echo slow done"]),
         Item("n1", ["sh", "-c", "tr a-z A-Z < in.txt > $VMTOOL_OUTDIR/up.txt; cat in.txt"],
              {"in.txt": {"data": "aGVsbG8K"}}),
@@ -91,14 +102,19 @@ def test_worker_survives_vm_deaths_poison_and_a_beanstalkd_restart(
     try:
         report = worker.run()
     finally:
+        httpd.shutdown()
+        httpd.server_close()
         destroy_domains(libvirt_uri, prefix)
     assert not report.errors, report.errors
 
     # Exactly one result per valid item (duplicates from retries dropped by id).
     with Beanstalk(beanstalkd.address, watch=results_tube(tube)) as bs:
-        got = collect_results(bs, want=6, timeout=5)
+        got = collect_results(bs, want=8, timeout=5)
     res = got.results
-    assert sorted(res) == ["n1", "n2", "n3", "n4", "slow", "victim"], events
+    assert sorted(res) == ["n1", "n2", "n3", "n4", "slow", "url-bad", "url-ok", "victim"], events
+    # URL inputs are fetched on the host (the guest has no network); a failed fetch is an error result.
+    assert res["url-ok"]["stdout"] == "fetched by the worker on the host\n"
+    assert res["url-bad"]["status"] == "error" and "404" in res["url-bad"]["error"]
     assert res["n1"]["stdout"] == "hello\n" and res["n1"]["outputs"] == {"up.txt": "SEVMTE8K"}
     assert res["n3"]["status"] == "failed" and res["n3"]["exit"] == 3 and res["n3"]["stderr"] == "err\n"
     assert res["slow"]["stdout"] == "slow done\n"

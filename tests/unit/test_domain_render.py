@@ -254,7 +254,7 @@ def test_overlay_must_be_qcow2(tmp_path: Path) -> None:
 
 def test_sizes_policy() -> None:
     assert qemu_overhead_mib(1000, "kvm") == 64 and qemu_overhead_mib(4000, "kvm") == 200
-    assert qemu_overhead_mib(1000, "tcg") == 64 + 96
+    assert qemu_overhead_mib(1000, "tcg") == 64 + 160
     for slot_mib in (256, 2048, 8192):
         for accel in ("kvm", "tcg"):
             m = max_guest_memory(slot_mib, accel)
@@ -299,3 +299,19 @@ def test_cli_render_bad_input_one_error(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert rc == 1 and "vmtool: error: domain XML is not well-formed XML" in err and "Traceback" not in err
     assert not dest.exists()
+
+
+LIBVIRT_RNG = Path("/usr/share/libvirt/schemas/domain.rng")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rendered_xml_is_valid_for_libvirt(case: str, tmp_path: Path) -> None:
+    """Every rendered domain validates against libvirt's own RELAX NG schema (the hostile input does not)."""
+    if not LIBVIRT_RNG.exists():
+        pytest.skip(f"{LIBVIRT_RNG} is not installed (Debian package libvirt0)")
+    rng = etree.RelaxNG(etree.parse(str(LIBVIRT_RNG)))
+    src, opts, host, slot = case_options(case, tmp_path)
+    r = render(src, opts, host, slot)
+    assert rng.validate(etree.fromstring(r.xml.encode())), rng.error_log
+    if case == "hostile":
+        assert not rng.validate(etree.fromstring(src or b""))

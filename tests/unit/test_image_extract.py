@@ -35,7 +35,7 @@ def test_extract_keeps_holes_and_skips_zero_blocks(tmp_path: Path) -> None:
     written = extract(src, [(1024 * K, 4096 * K), (20000 * K, 512 * K)], out)
     data = out.read_bytes()
     assert len(data) == 4608 * K
-    assert data[:200 * K] == blob and data[4096 * K:4096 * K + 100] == b"x" * 100
+    assert data[: 200 * K] == blob and data[4096 * K : 4096 * K + 100] == b"x" * 100
     assert data.count(0) == len(data) - 200 * K - 100 + blob.count(0)
     assert written < 400 * K and _data_bytes(out) < 512 * K
 
@@ -47,7 +47,7 @@ def test_compose_overlays_only_changed_blocks_and_hashes_the_result(tmp_path: Pa
     _sparse(src, 4 * size, {size: base})
     meta = tmp_path / "meta"
     # an e2image-like copy: a few blocks of the source, with zero padding around them (as whole host blocks)
-    _sparse(meta, size, {0: base[:4 * K], 64 * K: bytes(4 * K), 300 * K: base[300 * K:301 * K]})
+    _sparse(meta, size, {0: base[: 4 * K], 64 * K: bytes(4 * K), 300 * K: base[300 * K : 301 * K]})
     meta0 = tmp_path / "meta0"
     sparse_clone(meta, meta0)
     with open(meta, "r+b") as f:  # "the changes": one block rewritten, one new block in a former hole
@@ -60,8 +60,8 @@ def test_compose_overlays_only_changed_blocks_and_hashes_the_result(tmp_path: Pa
     out = tmp_path / "out"
     digest = compose(src, [(size, size)], meta, out, changed)
     want = bytearray(base)
-    want[K:2 * K] = b"L" * K
-    want[900 * K:901 * K] = b"N" * K
+    want[K : 2 * K] = b"L" * K
+    want[900 * K : 901 * K] = b"N" * K
     got = out.read_bytes()
     assert got == bytes(want)  # padding zeros in meta did not clobber source data
     assert digest == hashlib.sha256(got).hexdigest()

@@ -31,7 +31,9 @@ def test_mbr_primary_partitions() -> None:
     t = read_table(f, 64 * MiB)
     assert t is not None and t.kind == "mbr"
     assert [(p.number, p.start, p.size, p.kind) for p in t.partitions] == [
-        (1, 2048 * 512, 2048 * 512, "linux"), (2, 4096 * 512, 8192 * 512, "lvm")]
+        (1, 2048 * 512, 2048 * 512, "linux"),
+        (2, 4096 * 512, 8192 * 512, "lvm"),
+    ]
     assert t.partitions[0].bootable
 
 
@@ -41,14 +43,17 @@ def test_mbr_logical_partitions_follow_the_ebr_chain() -> None:
     # EBR 1 at 8192: logical at +2048 (2048 sectors), next EBR at extended+8192
     struct.pack_into("<B3xB3xII", buf, 8192 * 512 + 446, 0, 0x83, 2048, 2048)
     struct.pack_into("<B3xB3xII", buf, 8192 * 512 + 462, 0, 0x05, 8192, 10240)
-    buf[8192 * 512 + 510:8192 * 512 + 512] = b"\x55\xaa"
+    buf[8192 * 512 + 510 : 8192 * 512 + 512] = b"\x55\xaa"
     ebr2 = (8192 + 8192) * 512
     struct.pack_into("<B3xB3xII", buf, ebr2 + 446, 0, 0x8E, 2048, 4096)
-    buf[ebr2 + 510:ebr2 + 512] = b"\x55\xaa"
+    buf[ebr2 + 510 : ebr2 + 512] = b"\x55\xaa"
     t = read_table(io.BytesIO(bytes(buf)), 64 * MiB)
     assert t is not None
     assert [(p.number, p.start // 512, p.kind) for p in t.partitions] == [
-        (1, 2048, "linux"), (5, 10240, "linux"), (6, 18432, "lvm")]
+        (1, 2048, "linux"),
+        (5, 10240, "linux"),
+        (6, 18432, "lvm"),
+    ]
 
 
 def test_mbr_ebr_loop_is_refused() -> None:
@@ -56,7 +61,7 @@ def test_mbr_ebr_loop_is_refused() -> None:
     buf = bytearray(f.getvalue())
     struct.pack_into("<B3xB3xII", buf, 2048 * 512 + 446, 0, 0x83, 2048, 2048)
     struct.pack_into("<B3xB3xII", buf, 2048 * 512 + 462, 0, 0x05, 0, 10240)  # points at itself
-    buf[2048 * 512 + 510:2048 * 512 + 512] = b"\x55\xaa"
+    buf[2048 * 512 + 510 : 2048 * 512 + 512] = b"\x55\xaa"
     with pytest.raises(ImageError, match="loops"):
         read_table(io.BytesIO(bytes(buf)), 64 * MiB)
 
@@ -145,8 +150,10 @@ def test_lvm_extents_outside_the_pv_are_refused() -> None:
 
 
 def test_lvm_unsupported_segment_types_are_marked() -> None:
-    text = METADATA.replace('type = "striped"\nstripe_count = 1\nstripes = [\n"pv0", 0\n]',
-                            'type = "striped"\nstripe_count = 2\nstripes = ["pv0", 0, "pv1", 0]')
+    text = METADATA.replace(
+        'type = "striped"\nstripe_count = 1\nstripes = [\n"pv0", 0\n]',
+        'type = "striped"\nstripe_count = 2\nstripes = ["pv0", 0, "pv1", 0]',
+    )
     vg = lvm.parse_vg(text, {"PVUUID": _label()})
     swap = next(lv for lv in vg.lvs if lv.name == "lv_swap")
     assert swap.unsupported == "striped over 2 PVs" and swap.extents == []
@@ -154,8 +161,10 @@ def test_lvm_unsupported_segment_types_are_marked() -> None:
     assert "thin" in next(lv for lv in thin.lvs if lv.name == "lv_swap").unsupported
 
 
-@pytest.mark.parametrize("text", ["vg0 { extent_size = 8192 ", "vg0 { a = [1, 2 }", "}}}", "vg0 { = 3 }",
-                                  "vg0 { x = \"unterminated }"])
+@pytest.mark.parametrize(
+    "text",
+    ["vg0 { extent_size = 8192 ", "vg0 { a = [1, 2 }", "}}}", "vg0 { = 3 }", 'vg0 { x = "unterminated }'],
+)
 def test_lvm_metadata_that_does_not_parse(text: str) -> None:
     with pytest.raises(ImageError, match="LVM metadata"):
         lvm.parse_vg(text, {})
@@ -210,12 +219,22 @@ def test_fstab_root_type_change_resets_options() -> None:
 
 
 def _k(v: str, initrd: bool = True) -> Kernel:
-    return Kernel(v, f"/boot/vmlinuz-{v}", f"/boot/vmlinuz-{v}", f"/boot/initrd.img-{v}" if initrd else None,
-                  f"/boot/initrd.img-{v}" if initrd else None)
+    return Kernel(
+        v,
+        f"/boot/vmlinuz-{v}",
+        f"/boot/vmlinuz-{v}",
+        f"/boot/initrd.img-{v}" if initrd else None,
+        f"/boot/initrd.img-{v}" if initrd else None,
+    )
 
 
 def test_newest_kernel_by_version_not_lexically() -> None:
-    ks = [_k("6.1.0-9-amd64"), _k("6.1.0-56-amd64"), _k("5.10.0-28-amd64"), _k("6.1.0-60-amd64", initrd=False)]
+    ks = [
+        _k("6.1.0-9-amd64"),
+        _k("6.1.0-56-amd64"),
+        _k("5.10.0-28-amd64"),
+        _k("6.1.0-60-amd64", initrd=False),
+    ]
     assert choose_kernel(ks, None).version == "6.1.0-56-amd64"  # type: ignore[union-attr]
     assert choose_kernel(ks, "6.1.0-9-amd64").version == "6.1.0-9-amd64"  # type: ignore[union-attr]
     with pytest.raises(ImageError, match="not in the image"):
@@ -245,15 +264,34 @@ class DictFs:
 
     def listdir(self, path: str) -> list[tuple[str, int]]:
         pre = path.rstrip("/") + "/"
-        return [(p[len(pre):], 0) for p in self.entries if p.startswith(pre) and "/" not in p[len(pre):] and p != "/"]
+        return [
+            (p[len(pre) :], 0)
+            for p in self.entries
+            if p.startswith(pre) and "/" not in p[len(pre) :] and p != "/"
+        ]
 
 
 def test_symlinks_resolve_inside_the_guest_namespace() -> None:
-    root = DictFs("root", {"/boot": ("dir", ""), "/etc": ("dir", ""), "/etc/passwd": ("file", ""),
-                           "/vmlinuz": ("link", "boot/vmlinuz-6"), "/abs": ("link", "/etc/../etc/passwd")})
-    boot = DictFs("boot", {"/vmlinuz-6": ("file", ""), "/vmlinuz": ("link", "vmlinuz-6"),
-                           "/up": ("link", "../etc/passwd"), "/escape": ("link", "../../../../etc/shadow"),
-                           "/loop": ("link", "loop")})
+    root = DictFs(
+        "root",
+        {
+            "/boot": ("dir", ""),
+            "/etc": ("dir", ""),
+            "/etc/passwd": ("file", ""),
+            "/vmlinuz": ("link", "boot/vmlinuz-6"),
+            "/abs": ("link", "/etc/../etc/passwd"),
+        },
+    )
+    boot = DictFs(
+        "boot",
+        {
+            "/vmlinuz-6": ("file", ""),
+            "/vmlinuz": ("link", "vmlinuz-6"),
+            "/up": ("link", "../etc/passwd"),
+            "/escape": ("link", "../../../../etc/shadow"),
+            "/loop": ("link", "loop"),
+        },
+    )
     t = GuestTree({"/": root, "/boot": boot})
     assert t.resolve("/vmlinuz") == "/boot/vmlinuz-6"
     assert t.resolve("/boot/vmlinuz") == "/boot/vmlinuz-6"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,18 @@ def _demo(args: argparse.Namespace) -> int:
 
     opts = DemoOptions(items=args.items, vms=args.vms, memory_mib=args.memory_mib, workdir=args.workdir,
                        uri=args.uri, use_cgroup=not args.no_cgroup, timeout=args.timeout)
-    data = run_demo(opts, say)
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # unwinds through run_demo's clean-up, like ^C
+
+    try:
+        old = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        old = None
+    try:
+        data = run_demo(opts, say)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
     rep = WorkerReport(data["worker"]["tube"])
     for v in data["worker"]["vms"]:
         rec = VMRecord(v["slot"], name=v["vm"], items=v["items"], failed_items=v["failed_items"],

@@ -11,34 +11,62 @@ from vmtool.cli.output import add_json_flag, emit
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("inspect", help="show a whole-disk image's partitions, LVM, filesystems and kernels",
-                       description="Show the partition table, LVM volumes, filesystems (type, label, UUID), "
-                                   "which one is root and /boot, and the kernels found. Needs no root.")
+    p = sub.add_parser(
+        "inspect",
+        help="show a whole-disk image's partitions, LVM, filesystems and kernels",
+        description="Show the partition table, LVM volumes, filesystems (type, label, UUID), "
+        "which one is root and /boot, and the kernels found. Needs no root.",
+    )
     p.add_argument("image", metavar="DISK", help="whole-disk image (raw or qcow2)")
     p.add_argument("--format", choices=("raw", "qcow2"), help="image format (default: from its header)")
     p.add_argument("--root", metavar="NAME", help="the root volume, when several could be (see the list)")
     add_json_flag(p)
     p.set_defaults(func=cmd_inspect)
 
-    b = sub.add_parser("build", help="turn a whole-disk image into kernel + initrd + rootfs + manifest",
-                       description="Extract the root filesystem of a whole-disk image (partition or LVM LV), "
-                                   "relabel it, rewrite its fstab, and copy out the newest kernel and initrd.")
+    b = sub.add_parser(
+        "build",
+        help="turn a whole-disk image into kernel + initrd + rootfs + manifest",
+        description="Extract the root filesystem of a whole-disk image (partition or LVM LV), "
+        "relabel it, rewrite its fstab, and copy out the newest kernel and initrd.",
+    )
     b.add_argument("image", metavar="DISK", help="whole-disk image (raw or qcow2)")
     b.add_argument("-o", "--output", dest="outdir", metavar="OUTDIR", required=True, help="output directory")
     b.add_argument("--format", choices=("raw", "qcow2"), help="image format (default: from its header)")
     b.add_argument("--label", help="root filesystem label (default cloudimg-rootfs; xfs allows 12 bytes)")
-    b.add_argument("--rootfs-format", choices=("raw", "qcow2"), default="raw", help="format of the rootfs file")
+    b.add_argument(
+        "--rootfs-format", choices=("raw", "qcow2"), default="raw", help="format of the rootfs file"
+    )
     b.add_argument("--kernel-version", metavar="V", help="use this kernel version instead of the newest")
-    b.add_argument("--ssh-key", action="append", default=[], metavar="FILE", type=Path,
-                   help="append this public key to root's authorized_keys (repeatable)")
-    b.add_argument("--backend", choices=("auto", "native", "guestfs"), default="auto",
-                   help="native: no root, no appliance (ext2/3/4); guestfs: libguestfs appliance (any fs)")
-    b.add_argument("--root", metavar="NAME", help="the root volume, when several could be (see vmtool inspect)")
+    b.add_argument(
+        "--ssh-key",
+        action="append",
+        default=[],
+        metavar="FILE",
+        type=Path,
+        help="append this public key to root's authorized_keys (repeatable)",
+    )
+    b.add_argument(
+        "--backend",
+        choices=("auto", "native", "guestfs"),
+        default="auto",
+        help="native: no root, no appliance (ext2/3/4); guestfs: libguestfs appliance (any fs)",
+    )
+    b.add_argument(
+        "--root", metavar="NAME", help="the root volume, when several could be (see vmtool inspect)"
+    )
     b.add_argument("--force", action="store_true", help="replace OUTDIR if it exists and is not empty")
-    b.add_argument("--agent", nargs="?", const="relay", choices=("relay", "direct"), default=None,
-                   help="install the vmtool guest agent (default mode: relay)")
+    b.add_argument(
+        "--agent",
+        nargs="?",
+        const="relay",
+        choices=("relay", "direct"),
+        default=None,
+        help="install the vmtool guest agent (default mode: relay)",
+    )
     b.add_argument("--disk", action="store_true", help="also assemble a bootable whole-disk image")
-    b.add_argument("--disk-format", choices=("raw", "qcow2"), default="raw", help="format of the --disk image")
+    b.add_argument(
+        "--disk-format", choices=("raw", "qcow2"), default="raw", help="format of the --disk image"
+    )
     add_json_flag(b)
     b.set_defaults(func=cmd_build)
 
@@ -71,8 +99,17 @@ def render_inspect(d: dict[str, Any]) -> str:
         if v["unsupported"]:
             role = (role + " " if role else "") + f"[unsupported: {v['unsupported']}]"
         kind = v["partition_type"] or v["kind"]
-        rows.append((v["name"], _size(v["size"]), kind, v["fstype"] or "-", v["label"] or "-", v["uuid"] or "-",
-                     role or "-"))
+        rows.append(
+            (
+                v["name"],
+                _size(v["size"]),
+                kind,
+                v["fstype"] or "-",
+                v["label"] or "-",
+                v["uuid"] or "-",
+                role or "-",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         out.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -124,24 +161,35 @@ def cmd_build(args: argparse.Namespace) -> int:
     from vmtool.image.build import BuildOptions, build
 
     opts = BuildOptions(
-        source=Path(args.image), outdir=Path(args.outdir), format=args.format, label=args.label,
-        rootfs_format=args.rootfs_format, kernel_version=args.kernel_version, ssh_keys=list(args.ssh_key),
-        backend=args.backend, root=args.root, force=args.force, agent=args.agent, disk=args.disk,
+        source=Path(args.image),
+        outdir=Path(args.outdir),
+        format=args.format,
+        label=args.label,
+        rootfs_format=args.rootfs_format,
+        kernel_version=args.kernel_version,
+        ssh_keys=list(args.ssh_key),
+        backend=args.backend,
+        root=args.root,
+        force=args.force,
+        agent=args.agent,
+        disk=args.disk,
         disk_format=args.disk_format,
     )
     res = build(opts)
     m = res.manifest
     data = m.to_dict()
     data["outdir"] = str(res.outdir)
-    text = "\n".join([
-        f"built {res.outdir} with the {res.backend} backend ({res.backend_reason})",
-        f"  rootfs:  {m.rootfs.path} ({m.rootfs.fstype}, label {m.rootfs.label}, {_size(m.rootfs.virtual_size)}, "
-        f"{_size(m.rootfs.allocated_size)} allocated)",
-        f"  kernel:  {m.kernel.path}",
-        f"  initrd:  {m.initrd.path}",
-        f"  cmdline: {m.cmdline}",
-        *( [f"  disk:    {m.disk.path} ({m.disk.format})"] if m.disk else []),
-        "  manifest.json",
-    ])
+    text = "\n".join(
+        [
+            f"built {res.outdir} with the {res.backend} backend ({res.backend_reason})",
+            f"  rootfs:  {m.rootfs.path} ({m.rootfs.fstype}, label {m.rootfs.label}, {_size(m.rootfs.virtual_size)}, "
+            f"{_size(m.rootfs.allocated_size)} allocated)",
+            f"  kernel:  {m.kernel.path}",
+            f"  initrd:  {m.initrd.path}",
+            f"  cmdline: {m.cmdline}",
+            *([f"  disk:    {m.disk.path} ({m.disk.format})"] if m.disk else []),
+            "  manifest.json",
+        ]
+    )
     emit(args, data, text)
     return 0

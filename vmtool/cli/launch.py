@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vmtool.cli.domain import add_render_options, channels_of, sandbox_of
 from vmtool.cli.output import add_json_flag, emit, warn
-from vmtool.errors import LaunchError
+from vmtool.errors import LaunchError, VmtoolError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -50,8 +50,16 @@ def _launch(args: argparse.Namespace) -> int:
         machine_ad=args.machine_ad, grace=args.grace,
     )
     stop = threading.Event()
-    with _signals_to(stop):
-        report = launch(spec, stop=stop)
+    try:
+        with _signals_to(stop):
+            report = launch(spec, stop=stop)
+    except VmtoolError as e:
+        # The job's output files are expected whatever happened (HTCondor holds a job whose
+        # transfer_output_files are missing), so the report says why the VM did not run.
+        if args.report is not None:
+            write_atomic(args.report, json.dumps({"exit_reason": "error", "exit_code": e.exit_code,
+                                                  "detail": e.message, "hint": e.hint}, indent=2) + "\n")
+        raise
     data = report.to_dict()
     for w in report.warnings:
         warn(w)

@@ -17,15 +17,21 @@ from vmtool import __version__
 from vmtool.errors import VmtoolError
 from vmtool.log import setup_logging
 
-COMMAND_MODULES = (
-    "vmtool.cli.image",
-    "vmtool.cli.stage",
-    "vmtool.cli.domain",
-    "vmtool.cli.launch",
-    "vmtool.cli.queue",
-    "vmtool.cli.publish",
-    "vmtool.cli.demo",
-)
+# Top-level command -> the module that registers it. Only the module of the command being run is
+# imported, so a `vmtool stage` started by 32 jobs at once does not pay for libvirt, lxml or boto3.
+COMMANDS = {
+    "inspect": "vmtool.cli.image",
+    "build": "vmtool.cli.image",
+    "stage": "vmtool.cli.stage",
+    "cache": "vmtool.cli.stage",
+    "domain": "vmtool.cli.domain",
+    "launch": "vmtool.cli.launch",
+    "queue": "vmtool.cli.queue",
+    "disk": "vmtool.cli.publish",
+    "publish": "vmtool.cli.publish",
+    "demo": "vmtool.cli.demo",
+}
+COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -41,13 +47,21 @@ class _UsageError(Exception):
     pass
 
 
-def make_parser() -> argparse.ArgumentParser:
+def _command_of(argv: Sequence[str]) -> str | None:
+    for a in argv:
+        if not a.startswith("-"):
+            return a if a in COMMANDS else None
+    return None
+
+
+def make_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = _Parser(prog="vmtool", description="Run whole KVM virtual machines as batch jobs.")
     parser.add_argument("--version", action="version", version=f"vmtool {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     parser.add_argument("--debug", action="store_true", help="log every command and show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in COMMAND_MODULES:
+    command = _command_of(argv)
+    for name in (COMMANDS[command],) if command else COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
 
@@ -55,7 +69,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = make_parser()
+        parser = make_parser(args_list)
         args = parser.parse_args(args_list)
     except _UsageError as e:
         sys.stderr.write(f"vmtool: error: {e}\nhint: see 'vmtool --help'\n")

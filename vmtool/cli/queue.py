@@ -75,6 +75,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     w.add_argument("--no-cgroup", action="store_true", help="leave the VMs where libvirt puts them")
     w.add_argument("--cgroup-parent", help="slot cgroup for the VMs (default: this process's own)")
     w.add_argument("--uri", default="qemu:///system", help="libvirt URI")
+    w.add_argument("--network", default="none",
+                   help="guest network: 'none' (default: no route anywhere), 'user', or a libvirt network")
     w.set_defaults(func=_work)
 
     def usage(a: argparse.Namespace) -> int:
@@ -203,7 +205,8 @@ def _work(args: argparse.Namespace) -> int:
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vmtool-work-", dir=".")))
         factory = VMFactory(image, workdir, memory_mib=args.memory_mib, cpus=args.cpus,
-                            use_cgroup=not args.no_cgroup, cgroup_parent=args.cgroup_parent, uri=args.uri)
+                            use_cgroup=not args.no_cgroup, cgroup_parent=args.cgroup_parent, uri=args.uri,
+                            network=args.network)
         opts = WorkerOptions(addr, args.tube, vms=args.vms, max_items=args.max_items,
                              idle_timeout=args.idle_timeout, max_attempts=args.max_attempts)
         worker = Worker(opts, factory, on_event=None if args.json else _progress_printer())

@@ -162,7 +162,9 @@ def failure_ad(url: str, local: str, upload: bool, start: float, err: BaseExcept
         ad.update(
             TransferSuccess=False,
             TransferError=f"transfer failed ({type(err).__name__})",
-            TransferErrorData=[{"ErrorType": "Parameter", "ErrorCode": -1, "ErrorString": type(err).__name__}],
+            TransferErrorData=[
+                {"ErrorType": "Parameter", "ErrorCode": -1, "ErrorString": type(err).__name__}
+            ],
         )
         return ad
 

@@ -10,6 +10,7 @@ import datetime
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,14 +71,18 @@ class Result:
 
 def check_label(label: str, fstype: str, *, explicit: bool) -> None:
     if not LABEL_RE.fullmatch(label):
-        raise ImageError(f"label {label!r} may only hold letters, digits, '.', '_' and '-'",
-                         hint="it goes on the kernel command line as root=LABEL=...; choose a simple --label")
+        raise ImageError(
+            f"label {label!r} may only hold letters, digits, '.', '_' and '-'",
+            hint="it goes on the kernel command line as root=LABEL=...; choose a simple --label",
+        )
     limit = LABEL_MAX.get(fstype, 16)
     if len(label.encode()) > limit:
         what = "the label you gave" if explicit else f"the default label {label!r}"
         raise ImageError(
             f"{fstype} labels are limited to {limit} bytes and {what} has {len(label.encode())}",
-            hint="give a shorter one, e.g. --label img-rootfs" if fstype == "xfs" else "give a shorter --label",
+            hint="give a shorter one, e.g. --label img-rootfs"
+            if fstype == "xfs"
+            else "give a shorter --label",
         )
 
 
@@ -92,7 +97,9 @@ def read_ssh_keys(paths: list[Path]) -> bytes:
             raise VmtoolError(f"{p}: too large to be an ssh public key", hint="give the .pub file")
         lines = [ln.strip() for ln in data.decode(errors="replace").splitlines() if ln.strip()]
         if not lines or any(not re.match(r"^(ssh-|ecdsa-|sk-|[a-z0-9@.,=\"-]+ ssh-)", ln) for ln in lines):
-            raise VmtoolError(f"{p}: not an OpenSSH public key", hint="give the .pub file (ssh-ed25519 AAAA...)")
+            raise VmtoolError(
+                f"{p}: not an OpenSSH public key", hint="give the .pub file (ssh-ed25519 AAAA...)"
+            )
         if any("PRIVATE KEY" in ln for ln in lines):
             raise VmtoolError(f"{p}: this is a private key", hint="give the public key (.pub)")
         out += ("\n".join(lines) + "\n").encode()
@@ -104,8 +111,10 @@ def agent_files(mode: str) -> tuple[dict[str, tuple[bytes, int]], dict[str, Any]
     try:
         from vmtool.queue import agent as agentmod  # lazy: another area's module
     except ImportError:
-        raise VmtoolError("--agent is not available in this build of vmtool (vmtool.queue.agent is missing)",
-                          hint="build without --agent") from None
+        raise VmtoolError(
+            "--agent is not available in this build of vmtool (vmtool.queue.agent is missing)",
+            hint="build without --agent",
+        ) from None
     files = agentmod.agent_files(mode)
     return dict(files), {"mode": mode, "version": getattr(agentmod, "AGENT_VERSION", "")}
 
@@ -135,15 +144,19 @@ def pick_backend(requested: str, layout: Layout) -> tuple[str, str]:
                 hint="use --backend guestfs (or --backend auto)",
             )
         if layout.boot is not None and layout.boot.fstype not in EXT_TYPES:
-            raise ImageError(f"/boot ({layout.boot.name}) is {layout.boot.fstype}; the native backend reads ext2/3/4",
-                             hint="use --backend guestfs (or --backend auto)")
+            raise ImageError(
+                f"/boot ({layout.boot.name}) is {layout.boot.fstype}; the native backend reads ext2/3/4",
+                hint="use --backend guestfs (or --backend auto)",
+            )
         return "native", "requested with --backend native"
     if requested == "guestfs":
         return "guestfs", "requested with --backend guestfs"
     if root.fstype in EXT_TYPES and (layout.boot is None or layout.boot.fstype in EXT_TYPES):
         return "native", f"root filesystem is {root.fstype}: read and changed natively with e2fsprogs"
-    what = root.fstype if root.fstype not in EXT_TYPES else f"/boot {layout.boot.fstype if layout.boot else ''}"
-    return "guestfs", f"{what} cannot be changed without an appliance: using libguestfs"
+    if root.fstype not in EXT_TYPES:
+        return "guestfs", f"{root.fstype} cannot be changed without an appliance: using libguestfs"
+    boot_type = layout.boot.fstype if layout.boot else "?"
+    return "guestfs", f"/boot is {boot_type}, which vmtool cannot read without an appliance: using libguestfs"
 
 
 def build(opts: BuildOptions) -> Result:
@@ -185,13 +198,20 @@ def build(opts: BuildOptions) -> Result:
             rootfs = tmp / "rootfs.img"
             if backend == "native":
                 kernel, kpath, ipath, fstab_before, fstab_after, digest = _native(
-                    layout, raw, rootfs, tmp, label, keys, extra_files, opts.kernel_version, materialized)
+                    layout, raw, rootfs, tmp, label, keys, extra_files, opts.kernel_version, materialized
+                )
             else:
                 from vmtool.image import guestfs_backend  # lazy: needs the guestfs binding
 
                 kernel, kpath, ipath, fstab_before, fstab_after = guestfs_backend.build(
-                    layout, rootfs, tmp, label=label, ssh_keys=keys, files=extra_files,
-                    kernel_version=opts.kernel_version)
+                    layout,
+                    rootfs,
+                    tmp,
+                    label=label,
+                    ssh_keys=keys,
+                    files=extra_files,
+                    kernel_version=opts.kernel_version,
+                )
                 digest = None
             for p in materialized.values():
                 p.unlink(missing_ok=True)
@@ -200,8 +220,10 @@ def build(opts: BuildOptions) -> Result:
         final = rootfs
         if opts.rootfs_format == "qcow2":
             final = tmp / "rootfs.qcow2"
-            run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", os.fspath(rootfs), os.fspath(final)],
-                hint="check free space beside the output directory")
+            run(
+                ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", os.fspath(rootfs), os.fspath(final)],
+                hint="check free space beside the output directory",
+            )
             rootfs.unlink()
         # Hash the rootfs on one core while its pages are written back (fsync) and the small files hashed.
         rootfs_hash = BackgroundHash(final, cache=False) if digest is None or final != rootfs else None
@@ -209,8 +231,16 @@ def build(opts: BuildOptions) -> Result:
         k_sha, i_sha = sha256_file(kpath, sparse=False), sha256_file(ipath, sparse=False)
         manifest = Manifest(
             source=SourceInfo(os.fspath(src.path.resolve()), src.format, src.size, src_hash.get()),
-            rootfs=RootfsInfo(final.name, opts.rootfs_format, rootfs_type, label, rootfs_uuid, virtual,
-                              allocated_bytes(final), rootfs_hash.get() if rootfs_hash else str(digest)),
+            rootfs=RootfsInfo(
+                final.name,
+                opts.rootfs_format,
+                rootfs_type,
+                label,
+                rootfs_uuid,
+                virtual,
+                allocated_bytes(final),
+                rootfs_hash.get() if rootfs_hash else str(digest),
+            ),
             kernel=BootFile(kpath.name, kernel.version, k_sha),
             initrd=BootFile(ipath.name, kernel.version, i_sha),
             cmdline=f"root=LABEL={label} ro console=ttyS0",
@@ -219,10 +249,16 @@ def build(opts: BuildOptions) -> Result:
             created=datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat(),
             vmtool_version=__version__,
             agent=agent_info,
-            extra={"build": {"backend": backend, "backend_reason": reason, "root": root.name,
-                             "root_reason": layout.root_reason,
-                             "boot": layout.boot.name if layout.boot else None,
-                             "boot_reason": layout.boot_reason}},
+            extra={
+                "build": {
+                    "backend": backend,
+                    "backend_reason": reason,
+                    "root": root.name,
+                    "root_reason": layout.root_reason,
+                    "boot": layout.boot.name if layout.boot else None,
+                    "boot_reason": layout.boot_reason,
+                }
+            },
             base_dir=tmp,
         )
         mpath = tmp / "manifest.json"
@@ -250,8 +286,10 @@ def _assemble(mpath: Path, tmp: Path, fmt: str) -> DiskInfo:
     try:
         from vmtool.image.assemble import assemble_disk  # lazy: the publish area's module
     except ImportError:
-        raise VmtoolError("--disk is not available in this build of vmtool (vmtool.image.assemble is missing)",
-                          hint="build without --disk") from None
+        raise VmtoolError(
+            "--disk is not available in this build of vmtool (vmtool.image.assemble is missing)",
+            hint="build without --disk",
+        ) from None
     out = tmp / f"disk.{'qcow2' if fmt == 'qcow2' else 'img'}"
     info: DiskInfo = assemble_disk(mpath, out, fmt)
     return info
@@ -261,14 +299,24 @@ def _fs_identity(rootfs: Path) -> tuple[str, str]:
     with open(rootfs, "rb") as f:
         fs = probe(f, 0, os.path.getsize(rootfs))
     if fs is None:
-        raise ImageError("the extracted root filesystem is not recognisable any more",
-                         hint="report this as a bug in vmtool")
+        raise ImageError(
+            "the extracted root filesystem is not recognisable any more",
+            hint="report this as a bug in vmtool",
+        )
     return fs.uuid, fs.type
 
 
-def _native(layout: Layout, raw: Path, rootfs: Path, tmp: Path, label: str, keys: bytes,
-            extra: dict[str, tuple[bytes, int]], kernel_version: str | None,
-            materialized: dict[str, Path]) -> tuple[Kernel, Path, Path, str | None, str, str | None]:
+def _native(
+    layout: Layout,
+    raw: Path,
+    rootfs: Path,
+    tmp: Path,
+    label: str,
+    keys: bytes,
+    extra: dict[str, tuple[bytes, int]],
+    kernel_version: str | None,
+    materialized: dict[str, Path],
+) -> tuple[Kernel, Path, Path, str | None, str, str | None]:
     """Returns kernel, its files, fstab before/after, and the rootfs sha256 if it was hashed on the way."""
     root = layout.root
     assert root is not None
@@ -293,11 +341,46 @@ def _native(layout: Layout, raw: Path, rootfs: Path, tmp: Path, label: str, keys
         fs, rel, _ = tree.fs_of(guest)
         assert isinstance(fs, ExtFs)
         by_fs.setdefault(id(fs), (fs, []))[1].append((rel, host))
-    for fs, files_out in by_fs.values():
-        fs.dump(files_out)
-    for host in (kpath, ipath):
-        os.chmod(host, 0o644)
+    # The kernel and initrd are copied out on a thread while the root volume is copied.
+    dump_errors: list[BaseException] = []
 
+    def dump() -> None:
+        try:
+            for fs, files_out in by_fs.values():
+                fs.dump(files_out)
+            for host in (kpath, ipath):
+                os.chmod(host, 0o644)
+        except BaseException as e:  # re-raised below, in the main thread
+            dump_errors.append(e)
+
+    dumper = threading.Thread(target=dump, name="vmtool-kernel-copy", daemon=True)
+    dumper.start()
+    try:
+        result = _root_volume(layout, raw, rootfs, tmp, label, keys, extra, root_src, extracted)
+    finally:
+        dumper.join()
+    if dump_errors:
+        if isinstance(dump_errors[0], OSError):
+            raise os_error(dump_errors[0], "copying the kernel") from None
+        raise dump_errors[0]
+    before, after, digest = result
+    return kernel, kpath, ipath, before, after, digest
+
+
+def _root_volume(
+    layout: Layout,
+    raw: Path,
+    rootfs: Path,
+    tmp: Path,
+    label: str,
+    keys: bytes,
+    extra: dict[str, tuple[bytes, int]],
+    root_src: ExtFs,
+    extracted: bool,
+) -> tuple[str | None, str, str | None]:
+    """Copy and change the root filesystem; returns fstab before/after and the sha256 if already known."""
+    root = layout.root
+    assert root is not None
     before = layout.fstab if layout.fstab_read else read_fstab(guest_tree(root_src, None))
     after = fstabmod.rewrite(before, label=label, fstype=root.fstype)
     files: dict[str, tuple[bytes, int]] = {"/etc/fstab": (after.encode(), 0o644)}
@@ -307,14 +390,17 @@ def _native(layout: Layout, raw: Path, rootfs: Path, tmp: Path, label: str, keys
     if not extracted:
         digest = _overlay_build(raw, root, rootfs, tmp, files, label)
         if digest is not None:
-            return kernel, kpath, ipath, before, after, digest
+            return before, after, digest
         extract(raw, root.pieces, rootfs, label=f"extracting {root.name}")
-    ExtFs(rootfs, name=f"root filesystem ({root.name})").write_files(files, workdir=rootfs.parent, label=label)
-    return kernel, kpath, ipath, before, after, None
+    ExtFs(rootfs, name=f"root filesystem ({root.name})").write_files(
+        files, workdir=rootfs.parent, label=label
+    )
+    return before, after, None
 
 
-def _overlay_build(raw: Path, root: Volume, rootfs: Path, tmp: Path, files: dict[str, tuple[bytes, int]],
-                   label: str) -> str | None:
+def _overlay_build(
+    raw: Path, root: Volume, rootfs: Path, tmp: Path, files: dict[str, tuple[bytes, int]], label: str
+) -> str | None:
     """One pass over the root volume: changes made first on an `e2image -r` metadata copy, then the
     volume copied with the changed blocks laid over it and hashed as it is written. None: not possible
     here (the caller then copies first and changes the copy)."""
@@ -349,8 +435,10 @@ def _overlay_build(raw: Path, root: Volume, rootfs: Path, tmp: Path, files: dict
     # Check the result the way a reader will see it: the files as written, the label in the superblock.
     out = ExtFs(rootfs, name="the new root filesystem")
     for gpath, (content, _mode) in files.items():
-        if out.read(gpath) != content:
-            raise ImageError(f"{gpath} did not survive the copy of the root filesystem", hint="report this bug")
+        if out.cat(gpath) != content:
+            raise ImageError(
+                f"{gpath} did not survive the copy of the root filesystem", hint="report this bug"
+            )
     with open(rootfs, "rb") as f:
         fs = probe(f, 0, root.size)
     if fs is None or fs.label != label:

@@ -43,8 +43,10 @@ class ExtFs:
         try:
             p = run(argv, timeout=300)
         except CommandError as e:
-            raise ImageError(f"cannot read the ext filesystem in {self.name}: {e.message}",
-                             hint="the filesystem is damaged; check it with e2fsck on a copy") from None
+            raise ImageError(
+                f"cannot read the ext filesystem in {self.name}: {e.message}",
+                hint="the filesystem is damaged; check it with e2fsck on a copy",
+            ) from None
         err = p.stderr.decode(errors="replace")
         return p.stdout, err
 
@@ -108,6 +110,10 @@ class ExtFs:
         out, _ = self._debugfs(f'cat "{_q(path)}"')
         return out
 
+    def cat(self, path: str) -> bytes:
+        """Contents of `path` as debugfs prints them (no checks: for verifying what vmtool wrote)."""
+        return self._debugfs(f'cat "{_q(path)}"')[0]
+
     def dump(self, files: list[tuple[str, Path]]) -> None:
         """Copy regular files (path in the filesystem, new host file) out, in one debugfs run."""
         sizes = []
@@ -127,13 +133,19 @@ class ExtFs:
         for (path, dest), size in zip(files, sizes, strict=True):
             if not dest.exists() or dest.stat().st_size != size:
                 if "No space left" in err:
-                    raise ImageError(f"writing {dest}: no space left on device",
-                                     hint="free some space or choose another output directory")
+                    raise ImageError(
+                        f"writing {dest}: no space left on device",
+                        hint="free some space or choose another output directory",
+                    )
                 lines = [ln for ln in err.strip().splitlines() if not ln.startswith("debugfs ")]
-                raise ImageError(f"cannot copy {path} out of {self.name}" + (f": {lines[-1]}" if lines else ""),
-                                 hint="check free space in the output directory")
+                raise ImageError(
+                    f"cannot copy {path} out of {self.name}" + (f": {lines[-1]}" if lines else ""),
+                    hint="check free space in the output directory",
+                )
 
-    def write_files(self, files: dict[str, tuple[bytes, int]], *, workdir: Path, label: str | None = None) -> None:
+    def write_files(
+        self, files: dict[str, tuple[bytes, int]], *, workdir: Path, label: str | None = None
+    ) -> None:
         """Create or replace regular files (guest path -> (content, mode)), owned by root.
 
         Missing parent directories are created (0755, or 0700 for .ssh). An existing entry at the path
@@ -151,7 +163,9 @@ class ExtFs:
                 st = self.lstat(norm)
                 if st is not None:
                     if st[1] & S_IFMT == S_IFDIR:
-                        raise ImageError(f"{norm} is a directory in the image", hint="remove it from the image first")
+                        raise ImageError(
+                            f"{norm} is a directory in the image", hint="remove it from the image first"
+                        )
                     cmds.append(f'rm "{_q(norm)}"')
                 cmds.append(f'cd "{_q(parent)}"')
                 cmds.append(f'write "{_q(os.fspath(host))}" "{_q(name)}"')
@@ -175,9 +189,13 @@ class ExtFs:
                 if self._debugfs(f'cat "{_q(norm)}"')[0] != content:
                     detail = err.strip().splitlines()[-1] if err.strip() else ""
                     if "space" in err.lower() or "no free" in err.lower():
-                        raise ImageError(f"cannot write {norm} into {self.name}: the filesystem is full",
-                                         hint="free space inside the image's root filesystem")
-                    raise ImageError(f"cannot write {norm} into {self.name}" + (f": {detail}" if detail else ""))
+                        raise ImageError(
+                            f"cannot write {norm} into {self.name}: the filesystem is full",
+                            hint="free space inside the image's root filesystem",
+                        )
+                    raise ImageError(
+                        f"cannot write {norm} into {self.name}" + (f": {detail}" if detail else "")
+                    )
 
     def _mkdirs(self, parent: str) -> list[str]:
         cmds = []
@@ -192,8 +210,10 @@ class ExtFs:
                 cmds.append(f'sif "{_q(cur)}" uid 0')
                 cmds.append(f'sif "{_q(cur)}" gid 0')
             elif st[1] & S_IFMT != S_IFDIR:
-                raise ImageError(f"{cur} in {self.name} is not a directory (a symlink or a file)",
-                                 hint="vmtool does not write through symlinks in the image")
+                raise ImageError(
+                    f"{cur} in {self.name} is not a directory (a symlink or a file)",
+                    hint="vmtool does not write through symlinks in the image",
+                )
         return cmds
 
     def set_label(self, label: str) -> None:

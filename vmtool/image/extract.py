@@ -57,8 +57,10 @@ def extract(src: Path, pieces: Sequence[tuple[int, int]], out: Path, *, label: s
         src_size = os.fstat(fi).st_size
         for off, n in pieces:
             if off < 0 or off + n > src_size:
-                raise ImageError(f"volume data at bytes {off}-{off + n} lies past the end of the disk ({src_size})",
-                                 hint="the image is truncated; give the complete image")
+                raise ImageError(
+                    f"volume data at bytes {off}-{off + n} lies past the end of the disk ({src_size})",
+                    hint="the image is truncated; give the complete image",
+                )
         try:
             fo = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         except OSError as e:
@@ -77,7 +79,9 @@ def extract(src: Path, pieces: Sequence[tuple[int, int]], out: Path, *, label: s
                         k = min(CHUNK, end - pos)
                         got = os.preadv(fi, [view[:k]], pos)
                         if got != k:
-                            raise ImageError(f"{src}: short read at byte {pos}", hint="the image is truncated")
+                            raise ImageError(
+                                f"{src}: short read at byte {pos}", hint="the image is truncated"
+                            )
                         if k == CHUNK and buf == _ZERO_CHUNK:
                             pos += k
                             continue
@@ -211,7 +215,7 @@ def changed_ranges(before: Path, after: Path, block: int) -> list[tuple[int, int
             a = os.pread(fa, end - start, start)
             b = os.pread(fb, end - start, start)
             for i in range(0, len(a), block):
-                if a[i:i + block] != b[i:i + block]:
+                if a[i : i + block] != b[i : i + block]:
                     off = start + i
                     if out and out[-1][0] + out[-1][1] == off:
                         out[-1] = (out[-1][0], out[-1][1] + block)
@@ -225,8 +229,15 @@ def changed_ranges(before: Path, after: Path, block: int) -> list[tuple[int, int
     return out
 
 
-def compose(src: Path, pieces: Sequence[tuple[int, int]], overlay: Path, out: Path,
-            changed: list[tuple[int, int]], *, label: str = "extracting") -> str:
+def compose(
+    src: Path,
+    pieces: Sequence[tuple[int, int]],
+    overlay: Path,
+    out: Path,
+    changed: list[tuple[int, int]],
+    *,
+    label: str = "extracting",
+) -> str:
     """Write the volume `pieces` of `src` to the new file `out` with the `changed` ranges taken from
     `overlay` (a file of the same size), sparse, and return the sha256 of the result, hashed while it
     is written.
@@ -253,8 +264,10 @@ def compose(src: Path, pieces: Sequence[tuple[int, int]], overlay: Path, out: Pa
                 base = 0
                 for off, n in pieces:
                     if off < 0 or off + n > os.fstat(fi).st_size:
-                        raise ImageError(f"volume data at bytes {off}-{off + n} lies past the end of the disk",
-                                         hint="the image is truncated; give the complete image")
+                        raise ImageError(
+                            f"volume data at bytes {off}-{off + n} lies past the end of the disk",
+                            hint="the image is truncated; give the complete image",
+                        )
                     for d, length in _data_runs(fi, off, off + n):
                         src_runs.append((base + d - off, length, d))
                     base += n
@@ -295,8 +308,9 @@ def compose(src: Path, pieces: Sequence[tuple[int, int]], overlay: Path, out: Pa
     return hasher.hexdigest()
 
 
-def _merge(src_runs: list[tuple[int, int, int]], over: list[tuple[int, int]],
-           total: int) -> list[tuple[str, int, int, int]]:
+def _merge(
+    src_runs: list[tuple[int, int, int]], over: list[tuple[int, int]], total: int
+) -> list[tuple[str, int, int, int]]:
     """Ordered, non-overlapping (kind, volume offset, length, disk offset) runs: overlay ranges win."""
     out: list[tuple[str, int, int, int]] = []
     oi = 0

@@ -9,9 +9,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PSEUDO = {"proc", "sysfs", "tmpfs", "devpts", "devtmpfs", "cgroup", "cgroup2", "securityfs", "debugfs",
-          "hugetlbfs", "mqueue", "efivarfs", "pstore", "configfs", "fusectl", "binfmt_misc", "tracefs", "ramfs",
-          "bpf", "autofs", "none"}
+PSEUDO = {
+    "proc",
+    "sysfs",
+    "tmpfs",
+    "devpts",
+    "devtmpfs",
+    "cgroup",
+    "cgroup2",
+    "securityfs",
+    "debugfs",
+    "hugetlbfs",
+    "mqueue",
+    "efivarfs",
+    "pstore",
+    "configfs",
+    "fusectl",
+    "binfmt_misc",
+    "tracefs",
+    "ramfs",
+    "bpf",
+    "autofs",
+    "none",
+}
 NETWORK = {"nfs", "nfs4", "cifs", "smb3", "9p", "virtiofs", "sshfs", "glusterfs", "ceph", "fuse.sshfs"}
 BLOCK_PREFIXES = ("UUID=", "LABEL=", "PARTUUID=", "PARTLABEL=", "/dev/")
 MARK = "# vmtool:"
@@ -32,8 +52,8 @@ def _unescape(s: str) -> str:
     # fstab encodes spaces etc. as octal escapes (\040)
     out, i = [], 0
     while i < len(s):
-        if s[i] == "\\" and s[i + 1:i + 4].isdigit() and len(s[i + 1:i + 4]) == 3:
-            out.append(chr(int(s[i + 1:i + 4], 8)))
+        if s[i] == "\\" and s[i + 1 : i + 4].isdigit() and len(s[i + 1 : i + 4]) == 3:
+            out.append(chr(int(s[i + 1 : i + 4], 8)))
             i += 4
         else:
             out.append(s[i])
@@ -50,9 +70,18 @@ def parse(text: str) -> list[Entry]:
         f = s.split()
         if len(f) < 2:
             continue
-        f = f[:6] + ["", "", "auto", "defaults", "0", "0"][len(f):]
-        entries.append(Entry(_unescape(f[0]), _unescape(f[1]), f[2] or "auto", f[3] or "defaults",
-                             f[4] or "0", f[5] or "0", n))
+        f = f[:6] + ["", "", "auto", "defaults", "0", "0"][len(f) :]
+        entries.append(
+            Entry(
+                _unescape(f[0]),
+                _unescape(f[1]),
+                f[2] or "auto",
+                f[3] or "defaults",
+                f[4] or "0",
+                f[5] or "0",
+                n,
+            )
+        )
     return entries
 
 

@@ -37,9 +37,27 @@ def kvm_usable() -> tuple[bool, str]:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is missing or not accessible"
     try:
-        proc = spawn(["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-M", "pc", "-nodefaults",
-                      "-display", "none", "-monitor", "none", "-serial", "none", "-S"],
-                     stdout=DEVNULL, stderr=DEVNULL)
+        proc = spawn(
+            [
+                "qemu-system-x86_64",
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host",
+                "-M",
+                "pc",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-monitor",
+                "none",
+                "-serial",
+                "none",
+                "-S",
+            ],
+            stdout=DEVNULL,
+            stderr=DEVNULL,
+        )
     except VmtoolError as e:
         return False, e.message
     try:
@@ -55,9 +73,11 @@ def _handle() -> Any:
     try:
         import guestfs  # lazy: Debian's python3-guestfs, not on PyPI
     except ImportError:
-        raise VmtoolError("the guestfs backend needs the libguestfs Python binding",
-                          hint="install the Debian package python3-guestfs and use a venv with "
-                               "--system-site-packages (make deps)") from None
+        raise VmtoolError(
+            "the guestfs backend needs the libguestfs Python binding",
+            hint="install the Debian package python3-guestfs and use a venv with "
+            "--system-site-packages (make deps)",
+        ) from None
     g = guestfs.GuestFS(python_return_dict=True)
     g.set_backend("direct")
     ok, why = kvm_usable()
@@ -72,8 +92,10 @@ def _launch(g: Any) -> None:
     try:
         g.launch()
     except RuntimeError as e:
-        raise VmtoolError(f"the libguestfs appliance did not start: {str(e).splitlines()[0]}",
-                          hint="run libguestfs-test-tool; or use --backend native for ext2/3/4 roots") from None
+        raise VmtoolError(
+            f"the libguestfs appliance did not start: {str(e).splitlines()[0]}",
+            hint="run libguestfs-test-tool; or use --backend native for ext2/3/4 roots",
+        ) from None
     log.info("libguestfs appliance up in %.1f s", time.monotonic() - t)
 
 
@@ -138,12 +160,16 @@ def _write(g: Any, files: dict[str, tuple[bytes, int]]) -> None:
                 g.chmod(0o700 if comp == ".ssh" else 0o755, cur)
                 g.chown(0, 0, cur)
             elif st[1] & S_IFMT != S_IFDIR:
-                raise ImageError(f"{cur} in the image is not a directory (a symlink or a file)",
-                                 hint="vmtool does not write through symlinks in the image")
+                raise ImageError(
+                    f"{cur} in the image is not a directory (a symlink or a file)",
+                    hint="vmtool does not write through symlinks in the image",
+                )
         st = r.lstat(norm)
         if st is not None:
             if st[1] & S_IFMT == S_IFDIR:
-                raise ImageError(f"{norm} is a directory in the image", hint="remove it from the image first")
+                raise ImageError(
+                    f"{norm} is a directory in the image", hint="remove it from the image first"
+                )
             g.rm(norm)
         g.write(norm, content)
         g.chmod(mode & 0o7777, norm)
@@ -166,9 +192,16 @@ def write_files(rootfs: Path, fstype: str, files: dict[str, tuple[bytes, int]]) 
         g.close()
 
 
-def build(layout: Layout, rootfs: Path, tmp: Path, *, label: str, ssh_keys: bytes,
-          files: dict[str, tuple[bytes, int]], kernel_version: str | None
-          ) -> tuple[Kernel, Path, Path, str | None, str]:
+def build(
+    layout: Layout,
+    rootfs: Path,
+    tmp: Path,
+    *,
+    label: str,
+    ssh_keys: bytes,
+    files: dict[str, tuple[bytes, int]],
+    kernel_version: str | None,
+) -> tuple[Kernel, Path, Path, str | None, str]:
     root = layout.root
     assert root is not None
     if root.unsupported:
@@ -187,8 +220,10 @@ def build(layout: Layout, rootfs: Path, tmp: Path, *, label: str, ssh_keys: byte
             try:
                 g.set_label("/dev/sdb", label)
             except RuntimeError as e:
-                raise ImageError(f"cannot set label {label!r} on the {root.fstype} root: {str(e).splitlines()[0]}",
-                                 hint="give another --label") from None
+                raise ImageError(
+                    f"cannot set label {label!r} on the {root.fstype} root: {str(e).splitlines()[0]}",
+                    hint="give another --label",
+                ) from None
         mopts = "nouuid" if root.fstype == "xfs" else ""
         g.mount_options(mopts, "/dev/sdb", "/")
         reader = GuestfsReader(g, f"root filesystem ({root.name})")
@@ -204,8 +239,9 @@ def build(layout: Layout, rootfs: Path, tmp: Path, *, label: str, ssh_keys: byte
             if st is None:
                 g.mkdir("/boot")
             elif st[1] & S_IFMT != S_IFDIR:
-                raise ImageError("/boot in the root filesystem is not a directory",
-                                 hint="the image is broken or hostile")
+                raise ImageError(
+                    "/boot in the root filesystem is not a directory", hint="the image is broken or hostile"
+                )
         after = fstabmod.rewrite(before, label=label, fstype=root.fstype)
         all_files: dict[str, tuple[bytes, int]] = {"/etc/fstab": (after.encode(), 0o644)}
         if ssh_keys:
@@ -233,14 +269,18 @@ def build(layout: Layout, rootfs: Path, tmp: Path, *, label: str, ssh_keys: byte
         g.umount_all()
         g.shutdown()
     except RuntimeError as e:
-        raise ImageError(f"libguestfs: {str(e).splitlines()[0]}",
-                         hint="the image may be damaged; 'vmtool inspect' shows what vmtool found") from None
+        raise ImageError(
+            f"libguestfs: {str(e).splitlines()[0]}",
+            hint="the image may be damaged; 'vmtool inspect' shows what vmtool found",
+        ) from None
     finally:
         g.close()
     if root.fstype == "xfs":
         try:
             run(["xfs_admin", "-L", label, os.fspath(rootfs)])
         except CommandError as e:
-            raise ImageError(f"cannot set label {label!r} on the xfs root: {e.message}",
-                             hint="give another --label (at most 12 bytes)") from None
+            raise ImageError(
+                f"cannot set label {label!r} on the xfs root: {e.message}",
+                hint="give another --label (at most 12 bytes)",
+            ) from None
     return kernel, kpath, ipath, before, after

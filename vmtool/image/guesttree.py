@@ -40,7 +40,7 @@ class GuestTree:
     def _fs_for(self, path: str) -> tuple[FsReader, str, str]:
         for mp, fs in self.mounts.items():
             if mp == "/" or path == mp or path.startswith(mp + "/"):
-                rel = path[len(mp):] if mp != "/" else path
+                rel = path[len(mp) :] if mp != "/" else path
                 return fs, "/" + rel.lstrip("/"), mp
         raise ImageError(f"no filesystem holds {path}")
 
@@ -77,7 +77,9 @@ class GuestTree:
             if st[1] & S_IFMT == S_IFLNK:
                 links += 1
                 if links > MAX_LINKS:
-                    raise ImageError(f"{label}: too many levels of symlinks", hint="the image has a symlink loop")
+                    raise ImageError(
+                        f"{label}: too many levels of symlinks", hint="the image has a symlink loop"
+                    )
                 fs, rel, _ = self._fs_for(cand)
                 target = fs.readlink(rel)
                 if not target:

@@ -53,30 +53,42 @@ class Volume:
         if not s:
             return False
         fs = self.fs
-        for prefix, value in (("UUID=", fs.uuid if fs else ""), ("LABEL=", fs.label if fs else ""),
-                              ("/dev/disk/by-uuid/", fs.uuid if fs else ""),
-                              ("/dev/disk/by-label/", fs.label if fs else "")):
+        for prefix, value in (
+            ("UUID=", fs.uuid if fs else ""),
+            ("LABEL=", fs.label if fs else ""),
+            ("/dev/disk/by-uuid/", fs.uuid if fs else ""),
+            ("/dev/disk/by-label/", fs.label if fs else ""),
+        ):
             if s.startswith(prefix):
-                v = s[len(prefix):].strip('"')
-                return bool(value) and (v.lower() == value.lower() if "UUID" in prefix or "uuid" in prefix
-                                        else v == value)
+                v = s[len(prefix) :].strip('"')
+                return bool(value) and (
+                    v.lower() == value.lower() if "UUID" in prefix or "uuid" in prefix else v == value
+                )
         p = self.partition
-        for prefix, value in (("PARTUUID=", p.uuid if p else ""), ("PARTLABEL=", p.name if p else ""),
-                              ("/dev/disk/by-partuuid/", p.uuid if p else "")):
+        for prefix, value in (
+            ("PARTUUID=", p.uuid if p else ""),
+            ("PARTLABEL=", p.name if p else ""),
+            ("/dev/disk/by-partuuid/", p.uuid if p else ""),
+        ):
             if s.startswith(prefix):
-                return bool(value) and s[len(prefix):].strip('"').lower() == value.lower()
+                return bool(value) and s[len(prefix) :].strip('"').lower() == value.lower()
         if fs and fs.uuid and s.lower() == fs.uuid.lower():
             return True
         return s in self.aliases
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "kind": self.kind, "size": self.size,
-            "offset": self.pieces[0][0] if self.pieces else None, "pieces": len(self.pieces),
-            "fstype": self.fstype or None, "label": self.fs.label if self.fs else None,
+            "name": self.name,
+            "kind": self.kind,
+            "size": self.size,
+            "offset": self.pieces[0][0] if self.pieces else None,
+            "pieces": len(self.pieces),
+            "fstype": self.fstype or None,
+            "label": self.fs.label if self.fs else None,
             "uuid": self.fs.uuid if self.fs else None,
             "partition_type": self.partition.kind if self.partition else None,
-            "role": self.role or None, "mountpoint": self.mountpoint or None,
+            "role": self.role or None,
+            "mountpoint": self.mountpoint or None,
             "unsupported": self.unsupported or None,
         }
 
@@ -91,8 +103,13 @@ class Kernel:
     size: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "path": self.path, "resolved": self.real, "initrd": self.initrd,
-                "initrd_resolved": self.initrd_real}
+        return {
+            "version": self.version,
+            "path": self.path,
+            "resolved": self.real,
+            "initrd": self.initrd,
+            "initrd_resolved": self.initrd_real,
+        }
 
 
 @dataclass
@@ -116,7 +133,11 @@ class Layout:
     def to_dict(self) -> dict[str, Any]:
         newest = choose_kernel(self.kernels, None, strict=False) if self.kernels else None
         return {
-            "disk": {"path": os.fspath(self.source.path), "format": self.source.format, "size": self.source.size},
+            "disk": {
+                "path": os.fspath(self.source.path),
+                "format": self.source.format,
+                "size": self.source.size,
+            },
             "partition_table": self.table.to_dict() if self.table else {"kind": "none", "partitions": []},
             "volume_groups": [vg.to_dict() for vg in self.vgs],
             "filesystems": [v.to_dict() for v in self.volumes],
@@ -158,19 +179,29 @@ def scan(source: Source, raw: Path) -> Layout:
                 raise ImageError(
                     f"{source.path}: no partition table, LVM or filesystem found",
                     hint="is it a whole-disk image? for a qcow2 file pass --format qcow2; random or damaged data "
-                         "cannot be read",
+                    "cannot be read",
                 )
             if fs.type == "LVM2_member":
-                volumes_pv = [Volume("/dev/sda", "disk", [(0, size)], size, fs, aliases={"/dev/sda", "/dev/vda"})]
+                volumes_pv = [
+                    Volume("/dev/sda", "disk", [(0, size)], size, fs, aliases={"/dev/sda", "/dev/vda"})
+                ]
                 labels = _labels(f, volumes_pv)
                 vgs = lvm.read_vgs(f, labels)
                 volumes += volumes_pv
             else:
-                volumes.append(Volume("/dev/sda", "disk", [(0, size)], size, fs, aliases={"/dev/sda", "/dev/vda"}))
+                volumes.append(
+                    Volume("/dev/sda", "disk", [(0, size)], size, fs, aliases={"/dev/sda", "/dev/vda"})
+                )
         else:
             for p in table.partitions:
-                v = Volume(f"/dev/sda{p.number}", "partition", [(p.start, p.size)], p.size, partition=p,
-                           aliases=_part_aliases(p.number))
+                v = Volume(
+                    f"/dev/sda{p.number}",
+                    "partition",
+                    [(p.start, p.size)],
+                    p.size,
+                    partition=p,
+                    aliases=_part_aliases(p.number),
+                )
                 v.fs = probe(f, p.start, p.size)
                 volumes.append(v)
             labels = _labels(f, volumes)
@@ -178,8 +209,15 @@ def scan(source: Source, raw: Path) -> Layout:
                 vgs = lvm.read_vgs(f, labels)
         for vg in vgs:
             for lv in vg.lvs:
-                v = Volume(f"/dev/{vg.name}/{lv.name}", "lv", list(lv.extents), lv.size, lv=lv,
-                           unsupported=lv.unsupported, aliases=_lv_aliases(vg.name, lv.name))
+                v = Volume(
+                    f"/dev/{vg.name}/{lv.name}",
+                    "lv",
+                    list(lv.extents),
+                    lv.size,
+                    lv=lv,
+                    unsupported=lv.unsupported,
+                    aliases=_lv_aliases(vg.name, lv.name),
+                )
                 if lv.extents:
                     v.fs = probe(f, lv.extents[0][0], lv.extents[0][1])
                 volumes.append(v)
@@ -191,8 +229,10 @@ def scan(source: Source, raw: Path) -> Layout:
         elif v.partition and v.partition.kind == "efi":
             v.role = "efi"
         if v.fs and v.fs.size and v.fs.type in EXT_TYPES + OPAQUE_TYPES and v.fs.size > v.size:
-            v.unsupported = (f"its {v.fs.type} filesystem claims {v.fs.size} bytes but the volume holds {v.size}"
-                             " (truncated?)")
+            v.unsupported = (
+                f"its {v.fs.type} filesystem claims {v.fs.size} bytes but the volume holds {v.size}"
+                " (truncated?)"
+            )
     return Layout(source, raw, table, vgs, volumes)
 
 
@@ -229,7 +269,9 @@ def _looks_like_root(fs: ExtFs) -> bool:
     etc = fs.lstat("/etc")
     if etc is None or etc[1] & S_IFMT != S_IFDIR:
         return False
-    return any(fs.lstat(p) is not None for p in ("/etc/fstab", "/sbin/init", "/bin", "/usr/bin", "/etc/os-release"))
+    return any(
+        fs.lstat(p) is not None for p in ("/etc/fstab", "/sbin/init", "/bin", "/usr/bin", "/etc/os-release")
+    )
 
 
 def find_root(layout: Layout, root_spec: str | None, materialize: Materializer | None) -> None:
@@ -238,18 +280,26 @@ def find_root(layout: Layout, root_spec: str | None, materialize: Materializer |
     if root_spec:
         hits = [v for v in vols if v.name == root_spec or v.matches(root_spec)]
         if not hits:
-            raise ImageError(f"--root {root_spec}: no such volume on this disk",
-                             hint="see the names in 'vmtool inspect' (e.g. /dev/sda2, /dev/vg0/lv_root, UUID=...)")
+            raise ImageError(
+                f"--root {root_spec}: no such volume on this disk",
+                hint="see the names in 'vmtool inspect' (e.g. /dev/sda2, /dev/vg0/lv_root, UUID=...)",
+            )
         if len(hits) > 1:
-            raise ImageError(f"--root {root_spec} matches several volumes: {', '.join(v.name for v in hits)}",
-                             hint="name one volume exactly as 'vmtool inspect' shows it")
+            raise ImageError(
+                f"--root {root_spec} matches several volumes: {', '.join(v.name for v in hits)}",
+                hint="name one volume exactly as 'vmtool inspect' shows it",
+            )
         v = hits[0]
         if v.unsupported:
-            raise ImageError(f"{v.name} cannot be used: {v.unsupported}",
-                             hint="vmtool reads linear LVs and whole partitions")
+            raise ImageError(
+                f"{v.name} cannot be used: {v.unsupported}",
+                hint="vmtool reads linear LVs and whole partitions",
+            )
         if v.fstype not in EXT_TYPES + OPAQUE_TYPES:
-            raise ImageError(f"{v.name} holds {v.fstype or 'no recognised filesystem'}, not a root filesystem",
-                             hint="choose a volume with an ext4, xfs or btrfs filesystem")
+            raise ImageError(
+                f"{v.name} holds {v.fstype or 'no recognised filesystem'}, not a root filesystem",
+                hint="choose a volume with an ext4, xfs or btrfs filesystem",
+            )
         layout.root, layout.root_reason = v, "chosen with --root"
         v.role = "root"
         return
@@ -265,7 +315,10 @@ def find_root(layout: Layout, root_spec: str | None, materialize: Materializer |
         elif v.fstype in OPAQUE_TYPES:
             opaque.append(v)
     if len(confirmed) == 1:
-        layout.root, layout.root_reason = confirmed[0], "the only filesystem holding a Linux root tree (/etc)"
+        layout.root, layout.root_reason = (
+            confirmed[0],
+            "the only filesystem holding a Linux root tree (/etc)",
+        )
     elif len(confirmed) > 1:
         raise ImageError(
             "several candidate root filesystems: " + ", ".join(f"{v.name} ({v.fstype})" for v in confirmed),
@@ -274,8 +327,10 @@ def find_root(layout: Layout, root_spec: str | None, materialize: Materializer |
     elif len(opaque) == 1:
         v = opaque[0]
         layout.root = v
-        layout.root_reason = (f"the only filesystem that can hold a root ({v.fstype}, whose contents are read "
-                              "through the guestfs backend)")
+        layout.root_reason = (
+            f"the only filesystem that can hold a root ({v.fstype}, whose contents are read "
+            "through the guestfs backend)"
+        )
     elif len(opaque) > 1:
         raise ImageError(
             "several candidate root filesystems: " + ", ".join(f"{v.name} ({v.fstype})" for v in opaque),
@@ -335,7 +390,7 @@ def list_kernels(tree: GuestTree) -> list[Kernel]:
     for name, mode in sorted(names.items()):
         if not name.startswith("vmlinuz-") or mode & S_IFMT not in (S_IFREG, S_IFLNK):
             continue
-        ver = name[len("vmlinuz-"):]
+        ver = name[len("vmlinuz-") :]
         if not re.fullmatch(r"[0-9][A-Za-z0-9._+~-]*", ver) or ver.endswith((".old", ".bak", ".efi.signed")):
             continue
         real = _resolve_boot_file(tree, f"/boot/{name}")
@@ -354,8 +409,10 @@ def _resolve_boot_file(tree: GuestTree, path: str) -> str:
     _fs, _rel, mp = tree.fs_of(real)
     boot_mp = tree.fs_of("/boot")[2]
     if mp != boot_mp or not real.startswith("/boot/"):
-        raise SymlinkOutside(f"{path} is a symlink that points outside the /boot filesystem (to {real})",
-                             hint="the image is hostile or broken; vmtool never follows such links")
+        raise SymlinkOutside(
+            f"{path} is a symlink that points outside the /boot filesystem (to {real})",
+            hint="the image is hostile or broken; vmtool never follows such links",
+        )
     st = tree.lstat(real)
     if st is None or st[1] & S_IFMT != S_IFREG:
         raise ImageError(f"{path} does not lead to a regular file", hint="the image's /boot is broken")
@@ -367,25 +424,31 @@ def choose_kernel(kernels: list[Kernel], version: str | None, *, strict: bool = 
         for k in kernels:
             if k.version == version:
                 if k.initrd is None and strict:
-                    raise ImageError(f"kernel {version} has no initrd (initrd.img-{version}) in /boot",
-                                     hint="choose another --kernel-version")
+                    raise ImageError(
+                        f"kernel {version} has no initrd (initrd.img-{version}) in /boot",
+                        hint="choose another --kernel-version",
+                    )
                 return k
         if not strict:
             return None
         have = ", ".join(k.version for k in sorted(kernels, key=lambda k: version_key(k.version))) or "none"
-        raise ImageError(f"kernel version {version} is not in the image (found: {have})",
-                         hint="pick one of the versions found, or leave out --kernel-version for the newest")
+        raise ImageError(
+            f"kernel version {version} is not in the image (found: {have})",
+            hint="pick one of the versions found, or leave out --kernel-version for the newest",
+        )
     paired = [k for k in kernels if k.initrd]
     if not paired:
         if not strict:
             return None
         if kernels:
-            raise ImageError("the image's kernels have no matching initrd: "
-                             + ", ".join(k.version for k in kernels),
-                             hint="install an initramfs for the kernel in the image (update-initramfs / dracut)")
-        raise ImageError("no kernel found in the image's /boot",
-                         hint="install a kernel package in the image, or check that its /boot partition is on "
-                              "this disk")
+            raise ImageError(
+                "the image's kernels have no matching initrd: " + ", ".join(k.version for k in kernels),
+                hint="install an initramfs for the kernel in the image (update-initramfs / dracut)",
+            )
+        raise ImageError(
+            "no kernel found in the image's /boot",
+            hint="install a kernel package in the image, or check that its /boot partition is on this disk",
+        )
     return max(paired, key=lambda k: version_key(k.version))
 
 
@@ -411,8 +474,9 @@ def read_fstab(tree: GuestTree) -> str | None:
     return data.decode("utf-8", errors="replace")
 
 
-def inspect_disk(source: Source, raw: Path, *, root_spec: str | None = None,
-                 materialize: Materializer | None = None) -> Layout:
+def inspect_disk(
+    source: Source, raw: Path, *, root_spec: str | None = None, materialize: Materializer | None = None
+) -> Layout:
     """Full native inspection: layout, root, fstab, /boot and kernels (where ext filesystems allow)."""
     layout = scan(source, raw)
     find_root(layout, root_spec, materialize)
@@ -422,7 +486,9 @@ def inspect_disk(source: Source, raw: Path, *, root_spec: str | None = None,
         layout.fstab = read_fstab(guest_tree(root_fs, None))
         layout.fstab_read = True
     else:
-        layout.notes.append(f"the root filesystem is {layout.root.fstype}: its files are read by the guestfs backend")
+        layout.notes.append(
+            f"the root filesystem is {layout.root.fstype}: its files are read by the guestfs backend"
+        )
     find_boot(layout, materialize)
     boot_fs = reader_for(layout, layout.boot, materialize) if layout.boot else None
     if layout.boot is not None and boot_fs is None:

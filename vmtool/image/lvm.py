@@ -39,7 +39,7 @@ def _fmt_uuid(raw: bytes) -> str:
     s = raw.decode("ascii", errors="replace")
     parts, i = [], 0
     for n in (6, 4, 4, 4, 4, 4, 6):
-        parts.append(s[i:i + n])
+        parts.append(s[i : i + n])
         i += n
     return "-".join(parts)
 
@@ -85,9 +85,15 @@ class LogicalVolume:
         return "VISIBLE" in self.status
 
     def to_dict(self) -> dict[str, Any]:
-        return {"vg": self.vg, "name": self.name, "uuid": self.uuid, "size": self.size,
-                "segments": len(self.segments), "extents": [list(e) for e in self.extents],
-                "unsupported": self.unsupported or None}
+        return {
+            "vg": self.vg,
+            "name": self.name,
+            "uuid": self.uuid,
+            "size": self.size,
+            "segments": len(self.segments),
+            "extents": [list(e) for e in self.extents],
+            "unsupported": self.unsupported or None,
+        }
 
 
 @dataclass
@@ -100,10 +106,22 @@ class VolumeGroup:
     lvs: list[LogicalVolume]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "uuid": self.uuid, "seqno": self.seqno, "extent_size": self.extent_size,
-                "pvs": [{"name": k, "uuid": v.get("id"), "pe_start": v.get("pe_start"),
-                         "pe_count": v.get("pe_count")} for k, v in self.pvs.items()],
-                "lvs": [lv.to_dict() for lv in self.lvs]}
+        return {
+            "name": self.name,
+            "uuid": self.uuid,
+            "seqno": self.seqno,
+            "extent_size": self.extent_size,
+            "pvs": [
+                {
+                    "name": k,
+                    "uuid": v.get("id"),
+                    "pe_start": v.get("pe_start"),
+                    "pe_count": v.get("pe_count"),
+                }
+                for k, v in self.pvs.items()
+            ],
+            "lvs": [lv.to_dict() for lv in self.lvs],
+        }
 
 
 def find_label(f: BinaryIO, offset: int, size: int) -> PVLabel | None:
@@ -113,7 +131,7 @@ def find_label(f: BinaryIO, offset: int, size: int) -> PVLabel | None:
     f.seek(offset)
     head = f.read(4 * SECTOR)
     for s in range(4):
-        sec = head[s * SECTOR:(s + 1) * SECTOR]
+        sec = head[s * SECTOR : (s + 1) * SECTOR]
         if sec[:8] != LABEL_ID:
             continue
         sector_xl, crc, off_xl = struct.unpack_from("<QII", sec, 8)
@@ -144,8 +162,10 @@ def find_label(f: BinaryIO, offset: int, size: int) -> PVLabel | None:
 def read_metadata_text(f: BinaryIO, pv: PVLabel) -> str:
     """The newest metadata text found in the PV's metadata areas (CRC-checked)."""
     if not pv.metadata_areas:
-        raise ImageError("LVM PV has no metadata area on this disk",
-                         hint="the VG's metadata lives on another disk; vmtool reads single-disk VGs only")
+        raise ImageError(
+            "LVM PV has no metadata area on this disk",
+            hint="the VG's metadata lives on another disk; vmtool reads single-disk VGs only",
+        )
     best: tuple[int, str] | None = None
     errors = []
     for mda_off, mda_size in pv.metadata_areas:
@@ -182,8 +202,9 @@ def read_metadata_text(f: BinaryIO, pv: PVLabel) -> str:
         if best is None or seq > best[0]:
             best = (seq, text)
     if best is None:
-        raise ImageError(f"LVM metadata is unreadable: {'; '.join(errors) or 'no metadata found'}",
-                         hint=HINT_DAMAGED)
+        raise ImageError(
+            f"LVM metadata is unreadable: {'; '.join(errors) or 'no metadata found'}", hint=HINT_DAMAGED
+        )
     return best[1]
 
 
@@ -205,7 +226,7 @@ def _tokens(text: str) -> list[tuple[str, str]]:
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if not m:
-            raise ImageError(f"LVM metadata does not parse near {text[pos:pos + 20]!r}", hint=HINT_DAMAGED)
+            raise ImageError(f"LVM metadata does not parse near {text[pos : pos + 20]!r}", hint=HINT_DAMAGED)
         pos = m.end()
         kind = m.lastgroup
         if kind is None:
@@ -222,7 +243,7 @@ def parse_config(text: str) -> dict[str, Any]:
     pos = 0
 
     def fail(what: str) -> ImageError:
-        near = " ".join(t for _, t in toks[max(0, pos - 3):pos + 2])
+        near = " ".join(t for _, t in toks[max(0, pos - 3) : pos + 2])
         return ImageError(f"LVM metadata does not parse: {what} near {near!r}", hint=HINT_DAMAGED)
 
     def value() -> Any:
@@ -323,8 +344,10 @@ def parse_vg(text: str, pvs_on_disk: dict[str, PVLabel]) -> VolumeGroup:
         if label is not None:
             end = pv["pe_start"] * SECTOR + pv["pe_count"] * extent_size
             if end > label.size:
-                raise ImageError(f"LVM PV {name} of VG {vg_name} claims {end} bytes but its partition holds "
-                                 f"{label.size}", hint="the image is truncated or the LVM metadata is damaged")
+                raise ImageError(
+                    f"LVM PV {name} of VG {vg_name} claims {end} bytes but its partition holds {label.size}",
+                    hint="the image is truncated or the LVM metadata is damaged",
+                )
         pv_map[name] = info
     lvs: list[LogicalVolume] = []
     for lv_name, lv in (vg.get("logical_volumes") or {}).items():
@@ -332,33 +355,47 @@ def parse_vg(text: str, pvs_on_disk: dict[str, PVLabel]) -> VolumeGroup:
             raise ImageError(f"LVM metadata: LV {lv_name} is malformed", hint=HINT_DAMAGED)
         segs: list[LVSegment] = []
         unsupported = ""
-        for key in sorted((k for k in lv if k.startswith("segment") and isinstance(lv[k], dict)),
-                          key=lambda k: int(k[7:]) if k[7:].isdigit() else 0):
+        for key in sorted(
+            (k for k in lv if k.startswith("segment") and isinstance(lv[k], dict)),
+            key=lambda k: int(k[7:]) if k[7:].isdigit() else 0,
+        ):
             s = lv[key]
-            seg = LVSegment(_int(s, "start_extent", f"LV {lv_name}"), _int(s, "extent_count", f"LV {lv_name}"),
-                            str(s.get("type", "")))
+            seg = LVSegment(
+                _int(s, "start_extent", f"LV {lv_name}"),
+                _int(s, "extent_count", f"LV {lv_name}"),
+                str(s.get("type", "")),
+            )
             if seg.type == "striped":
                 seg.stripe_count = _int(s, "stripe_count", f"LV {lv_name}")
                 stripes = s.get("stripes")
-                if seg.stripe_count == 1 and isinstance(stripes, list) and len(stripes) == 2 \
-                        and isinstance(stripes[1], int):
+                if (
+                    seg.stripe_count == 1
+                    and isinstance(stripes, list)
+                    and len(stripes) == 2
+                    and isinstance(stripes[1], int)
+                ):
                     seg.pv, seg.pv_extent = str(stripes[0]), stripes[1]
                 elif seg.stripe_count != 1:
                     unsupported = f"striped over {seg.stripe_count} PVs"
                 else:
-                    raise ImageError(f"LVM metadata: LV {lv_name} has a malformed stripes list", hint=HINT_DAMAGED)
+                    raise ImageError(
+                        f"LVM metadata: LV {lv_name} has a malformed stripes list", hint=HINT_DAMAGED
+                    )
             else:
                 unsupported = f"segment type {seg.type!r}"
             segs.append(seg)
         status = [str(x) for x in lv.get("status", [])] if isinstance(lv.get("status"), list) else []
-        out = LogicalVolume(vg_name, lv_name, str(lv.get("id", "")), status, segs, extent_size,
-                            unsupported=unsupported)
+        out = LogicalVolume(
+            vg_name, lv_name, str(lv.get("id", "")), status, segs, extent_size, unsupported=unsupported
+        )
         if not unsupported:
             out.extents = _map(out, pv_map, vg_name)
             if not out.extents and segs:
                 out.unsupported = "its PV is not on this disk"
         lvs.append(out)
-    return VolumeGroup(vg_name, str(vg.get("id", "")), int(vg.get("seqno", 0) or 0), extent_size, pv_map, lvs)
+    return VolumeGroup(
+        vg_name, str(vg.get("id", "")), int(vg.get("seqno", 0) or 0), extent_size, pv_map, lvs
+    )
 
 
 def _map(lv: LogicalVolume, pv_map: dict[str, dict[str, Any]], vg: str) -> list[tuple[int, int]]:
@@ -366,12 +403,15 @@ def _map(lv: LogicalVolume, pv_map: dict[str, dict[str, Any]], vg: str) -> list[
     expect = 0
     for seg in sorted(lv.segments, key=lambda s: s.start_extent):
         if seg.start_extent != expect:
-            raise ImageError(f"LVM metadata: LV {vg}/{lv.name} has a gap or overlap in its segments",
-                             hint=HINT_DAMAGED)
+            raise ImageError(
+                f"LVM metadata: LV {vg}/{lv.name} has a gap or overlap in its segments", hint=HINT_DAMAGED
+            )
         expect += seg.extent_count
         pv = pv_map.get(seg.pv)
         if pv is None:
-            raise ImageError(f"LVM metadata: LV {vg}/{lv.name} names unknown PV {seg.pv!r}", hint=HINT_DAMAGED)
+            raise ImageError(
+                f"LVM metadata: LV {vg}/{lv.name} names unknown PV {seg.pv!r}", hint=HINT_DAMAGED
+            )
         label = pv["label"]
         if label is None:
             return []

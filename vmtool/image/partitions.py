@@ -32,9 +32,20 @@ GPT_TYPE_NAMES = {
     "ebd0a0a2-b9e5-4433-87c0-68b6b72699c7": "microsoft-basic-data",
 }
 MBR_TYPE_NAMES = {
-    0x83: "linux", 0x8E: "lvm", 0x82: "swap", 0xEF: "efi", 0xEA: "xbootldr", 0xFD: "linux-raid",
-    0x05: "extended", 0x0F: "extended", 0x85: "extended", 0x07: "ntfs", 0x0B: "fat32", 0x0C: "fat32",
-    0x06: "fat16", 0xEE: "gpt-protective",
+    0x83: "linux",
+    0x8E: "lvm",
+    0x82: "swap",
+    0xEF: "efi",
+    0xEA: "xbootldr",
+    0xFD: "linux-raid",
+    0x05: "extended",
+    0x0F: "extended",
+    0x85: "extended",
+    0x07: "ntfs",
+    0x0B: "fat32",
+    0x0C: "fat32",
+    0x06: "fat16",
+    0xEE: "gpt-protective",
 }
 EXTENDED_TYPES = (0x05, 0x0F, 0x85)
 
@@ -66,8 +77,12 @@ class PartitionTable:
     partitions: list[Partition] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "sector_size": self.sector_size, "disk_id": self.disk_id,
-                "partitions": [p.to_dict() for p in self.partitions]}
+        return {
+            "kind": self.kind,
+            "sector_size": self.sector_size,
+            "disk_id": self.disk_id,
+            "partitions": [p.to_dict() for p in self.partitions],
+        }
 
 
 def _read(f: BinaryIO, offset: int, n: int) -> bytes:
@@ -92,29 +107,39 @@ def _gpt_at(f: BinaryIO, disk_size: int, sector: int) -> PartitionTable | None:
     check = bytearray(hdr[:hsize])
     check[16:20] = b"\0\0\0\0"
     if zlib.crc32(bytes(check)) != crc:
-        raise ImageError("GPT header checksum does not match (damaged partition table)",
-                         hint="repair it with 'sgdisk --verify' / gdisk, or give the original image")
+        raise ImageError(
+            "GPT header checksum does not match (damaged partition table)",
+            hint="repair it with 'sgdisk --verify' / gdisk, or give the original image",
+        )
     my_lba, _alt, first_usable, last_usable = struct.unpack_from("<QQQQ", hdr, 24)
     disk_guid = _guid(hdr[56:72])
     entries_lba, n_entries, entry_size, entries_crc = struct.unpack_from("<QIII", hdr, 72)
     if my_lba != 1:
-        raise ImageError(f"GPT header claims to be at LBA {my_lba}, not 1", hint="the partition table is damaged")
+        raise ImageError(
+            f"GPT header claims to be at LBA {my_lba}, not 1", hint="the partition table is damaged"
+        )
     if n_entries > MAX_GPT_ENTRIES or entry_size < 128 or entry_size > 4096 or entry_size % 8:
-        raise ImageError(f"GPT entry array is implausible ({n_entries} entries of {entry_size} bytes)",
-                         hint="the partition table is damaged")
+        raise ImageError(
+            f"GPT entry array is implausible ({n_entries} entries of {entry_size} bytes)",
+            hint="the partition table is damaged",
+        )
     array_bytes = n_entries * entry_size
     if entries_lba * sector + array_bytes > disk_size:
-        raise ImageError("GPT partition entry array lies past the end of the disk",
-                         hint="the image file is truncated; give the complete image")
+        raise ImageError(
+            "GPT partition entry array lies past the end of the disk",
+            hint="the image file is truncated; give the complete image",
+        )
     array = _read(f, entries_lba * sector, array_bytes)
     if len(array) != array_bytes or zlib.crc32(array) != entries_crc:
-        raise ImageError("GPT partition entry array checksum does not match",
-                         hint="the partition table is damaged; repair it with gdisk or give the original image")
+        raise ImageError(
+            "GPT partition entry array checksum does not match",
+            hint="the partition table is damaged; repair it with gdisk or give the original image",
+        )
     if first_usable > last_usable:
         raise ImageError("GPT usable area is empty or inverted", hint="the partition table is damaged")
     table = PartitionTable("gpt", sector, disk_guid)
     for i in range(n_entries):
-        e = array[i * entry_size:(i + 1) * entry_size]
+        e = array[i * entry_size : (i + 1) * entry_size]
         if e[:16] == b"\0" * 16:
             continue
         ptype = _guid(e[0:16])
@@ -124,10 +149,20 @@ def _gpt_at(f: BinaryIO, disk_size: int, sector: int) -> PartitionTable | None:
         if last < first:
             raise ImageError(f"partition {num} ends before it starts", hint="the partition table is damaged")
         if first < first_usable or last > last_usable:
-            raise ImageError(f"partition {num} lies outside the GPT's usable area",
-                             hint="the partition table is damaged")
-        table.partitions.append(Partition(num, first * sector, (last - first + 1) * sector, ptype,
-                                          GPT_TYPE_NAMES.get(ptype, "unknown"), name, _guid(e[16:32])))
+            raise ImageError(
+                f"partition {num} lies outside the GPT's usable area", hint="the partition table is damaged"
+            )
+        table.partitions.append(
+            Partition(
+                num,
+                first * sector,
+                (last - first + 1) * sector,
+                ptype,
+                GPT_TYPE_NAMES.get(ptype, "unknown"),
+                name,
+                _guid(e[16:32]),
+            )
+        )
     return table
 
 
@@ -147,18 +182,32 @@ def _mbr(f: BinaryIO, disk_size: int, sec: bytes) -> PartitionTable:
         if ptype == 0 or count == 0:
             continue
         if status not in (0, 0x80):
-            raise ImageError(f"MBR entry {i + 1} has an invalid status byte 0x{status:02x}",
-                             hint="this is not a valid partition table")
+            raise ImageError(
+                f"MBR entry {i + 1} has an invalid status byte 0x{status:02x}",
+                hint="this is not a valid partition table",
+            )
         if lba == 0:
-            raise ImageError(f"MBR partition {i + 1} starts at sector 0", hint="the partition table is damaged")
+            raise ImageError(
+                f"MBR partition {i + 1} starts at sector 0", hint="the partition table is damaged"
+            )
         if ptype in EXTENDED_TYPES:
             if ext is not None:
-                raise ImageError("MBR has more than one extended partition", hint="the partition table is damaged")
+                raise ImageError(
+                    "MBR has more than one extended partition", hint="the partition table is damaged"
+                )
             ext = (lba, count)
             _check_inside(i + 1, lba * SECTOR, count * SECTOR, disk_size)
             continue
-        table.partitions.append(Partition(i + 1, lba * SECTOR, count * SECTOR, f"0x{ptype:02x}",
-                                          MBR_TYPE_NAMES.get(ptype, "unknown"), bootable=status == 0x80))
+        table.partitions.append(
+            Partition(
+                i + 1,
+                lba * SECTOR,
+                count * SECTOR,
+                f"0x{ptype:02x}",
+                MBR_TYPE_NAMES.get(ptype, "unknown"),
+                bootable=status == 0x80,
+            )
+        )
     if ext is not None:
         table.partitions.extend(_logicals(f, disk_size, ext))
     return table
@@ -174,24 +223,40 @@ def _logicals(f: BinaryIO, disk_size: int, ext: tuple[int, int]) -> list[Partiti
         if ebr_lba in seen:
             raise ImageError("MBR extended partition chain loops", hint="the partition table is damaged")
         if len(seen) >= MAX_LOGICAL:
-            raise ImageError(f"more than {MAX_LOGICAL} logical partitions", hint="the partition table is damaged")
+            raise ImageError(
+                f"more than {MAX_LOGICAL} logical partitions", hint="the partition table is damaged"
+            )
         seen.add(ebr_lba)
         if not ext_lba <= ebr_lba < ext_lba + ext_count:
-            raise ImageError("an extended boot record lies outside the extended partition",
-                             hint="the partition table is damaged")
+            raise ImageError(
+                "an extended boot record lies outside the extended partition",
+                hint="the partition table is damaged",
+            )
         ebr = _read(f, ebr_lba * SECTOR, SECTOR)
         if len(ebr) < SECTOR or ebr[510:512] != b"\x55\xaa":
-            raise ImageError(f"extended boot record at sector {ebr_lba} is missing or truncated",
-                             hint="the image file is truncated or the partition table is damaged")
+            raise ImageError(
+                f"extended boot record at sector {ebr_lba} is missing or truncated",
+                hint="the image file is truncated or the partition table is damaged",
+            )
         entries = _mbr_entries(ebr)
         status, ptype, lba, count = entries[0]
         if ptype and count:
             start = ebr_lba + lba
             if start + count > ext_lba + ext_count or lba == 0:
-                raise ImageError(f"logical partition {num} lies outside its extended partition",
-                                 hint="the partition table is damaged")
-            out.append(Partition(num, start * SECTOR, count * SECTOR, f"0x{ptype:02x}",
-                                 MBR_TYPE_NAMES.get(ptype, "unknown"), bootable=status == 0x80))
+                raise ImageError(
+                    f"logical partition {num} lies outside its extended partition",
+                    hint="the partition table is damaged",
+                )
+            out.append(
+                Partition(
+                    num,
+                    start * SECTOR,
+                    count * SECTOR,
+                    f"0x{ptype:02x}",
+                    MBR_TYPE_NAMES.get(ptype, "unknown"),
+                    bootable=status == 0x80,
+                )
+            )
             num += 1
         _s2, ptype2, lba2, count2 = entries[1]
         if ptype2 == 0 or count2 == 0:
@@ -214,8 +279,10 @@ def validate(table: PartitionTable, disk_size: int) -> None:
     parts = sorted(table.partitions, key=lambda p: p.start)
     for a, b in zip(parts, parts[1:], strict=False):
         if b.start < a.end:
-            raise ImageError(f"partitions {a.number} and {b.number} overlap",
-                             hint="the partition table is damaged; fix it with fdisk/gdisk or give the original")
+            raise ImageError(
+                f"partitions {a.number} and {b.number} overlap",
+                hint="the partition table is damaged; fix it with fdisk/gdisk or give the original",
+            )
 
 
 def read_table(f: BinaryIO, disk_size: int) -> PartitionTable | None:
@@ -232,8 +299,10 @@ def read_table(f: BinaryIO, disk_size: int) -> PartitionTable | None:
         return None
     entries = _mbr_entries(sec)
     if any(ptype == 0xEE for _, ptype, _, _ in entries):
-        raise ImageError("protective MBR found but no valid GPT header",
-                         hint="the GPT is damaged or uses an unsupported sector size")
+        raise ImageError(
+            "protective MBR found but no valid GPT header",
+            hint="the GPT is damaged or uses an unsupported sector size",
+        )
     # A FAT boot sector also ends in 55 aa: only trust entries that look like a partition table.
     if any(status not in (0, 0x80) for status, ptype, _, _ in entries if ptype):
         return None

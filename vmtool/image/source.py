@@ -47,8 +47,10 @@ def detect_format(path: Path) -> str:
         return "qcow2"
     for magic, name in OTHER_MAGICS.items():
         if head.startswith(magic):
-            raise ImageError(f"{path}: {name} images are not supported",
-                             hint=f"convert it first: qemu-img convert -f {name} -O qcow2 {path} disk.qcow2")
+            raise ImageError(
+                f"{path}: {name} images are not supported",
+                hint=f"convert it first: qemu-img convert -f {name} -O qcow2 {path} disk.qcow2",
+            )
     return "raw"
 
 
@@ -75,20 +77,29 @@ def open_source(path: str | os.PathLike[str], fmt: str | None = None) -> Source:
             raise ImageError(f"{p}: the file is empty", hint="give a whole-disk image")
         return Source(p, "raw", st.st_size)
     if found != "qcow2":
-        raise ImageError(f"{p}: not a qcow2 image (no qcow2 header)", hint="check --format; is it a raw image?")
+        raise ImageError(
+            f"{p}: not a qcow2 image (no qcow2 header)", hint="check --format; is it a raw image?"
+        )
     return Source(p, "qcow2", _qcow2_size(p))
 
 
 def _qcow2_size(p: Path) -> int:
     try:
-        out = run(["qemu-img", "info", "-f", "qcow2", "--force-share", "--output=json", os.fspath(p)],
-                  limits=QEMU_IMG_LIMITS, timeout=60).stdout
+        out = run(
+            ["qemu-img", "info", "-f", "qcow2", "--force-share", "--output=json", os.fspath(p)],
+            limits=QEMU_IMG_LIMITS,
+            timeout=60,
+        ).stdout
         info = json.loads(out)
     except CommandError as e:
-        raise ImageError(f"{p}: not a valid qcow2 image ({e.message})",
-                         hint="the file is damaged or truncated; give the complete image") from None
+        raise ImageError(
+            f"{p}: not a valid qcow2 image ({e.message})",
+            hint="the file is damaged or truncated; give the complete image",
+        ) from None
     except json.JSONDecodeError:
-        raise ImageError(f"{p}: qemu-img info gave unreadable output", hint="check the qemu-utils package") from None
+        raise ImageError(
+            f"{p}: qemu-img info gave unreadable output", hint="check the qemu-utils package"
+        ) from None
     if info.get("backing-filename") or info.get("full-backing-filename"):
         raise ImageError(
             f"{p}: qcow2 image has a backing file ({info.get('backing-filename')}), which vmtool never follows",
@@ -104,16 +115,22 @@ def _qcow2_size(p: Path) -> int:
     if not isinstance(size, int) or size <= 0:
         raise ImageError(f"{p}: qcow2 image has no valid virtual size", hint="the image is damaged")
     # A truncated qcow2 still converts (qemu reads missing clusters as zeros): check its metadata first.
-    chk = run(["qemu-img", "check", "-f", "qcow2", "--force-share", "--output=json", os.fspath(p)],
-              limits=QEMU_IMG_LIMITS, timeout=120, check=False)
+    chk = run(
+        ["qemu-img", "check", "-f", "qcow2", "--force-share", "--output=json", os.fspath(p)],
+        limits=QEMU_IMG_LIMITS,
+        timeout=120,
+        check=False,
+    )
     try:
         report = json.loads(chk.stdout or b"{}")
     except json.JSONDecodeError:
         report = {}
     bad = int(report.get("corruptions", 0) or 0) + int(report.get("check-errors", 0) or 0)
     if chk.returncode in (1, 2) or bad:
-        raise ImageError(f"{p}: the qcow2 image is damaged or truncated ({bad} errors in its metadata)",
-                         hint="give the complete image; 'qemu-img check' shows the damage")
+        raise ImageError(
+            f"{p}: the qcow2 image is damaged or truncated ({bad} errors in its metadata)",
+            hint="give the complete image; 'qemu-img check' shows the damage",
+        )
     return size
 
 
@@ -125,15 +142,21 @@ def raw_view(src: Source, workdir: Path) -> Iterator[Path]:
         return
     tmp = workdir / ".source.raw"
     try:
-        run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", os.fspath(src.path), os.fspath(tmp)],
-            hint="the qcow2 image may be damaged; check it with qemu-img check")
+        run(
+            ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", os.fspath(src.path), os.fspath(tmp)],
+            hint="the qcow2 image may be damaged; check it with qemu-img check",
+        )
     except CommandError as e:
         tmp.unlink(missing_ok=True)
         if "No space left" in e.stderr_tail:
-            raise ImageError(f"converting {src.path} to raw: no space left on device",
-                             hint="free some space beside the output directory") from None
-        raise ImageError(f"{src.path}: cannot read the qcow2 image ({e.message})",
-                         hint="the image is damaged or truncated; check it with qemu-img check") from None
+            raise ImageError(
+                f"converting {src.path} to raw: no space left on device",
+                hint="free some space beside the output directory",
+            ) from None
+        raise ImageError(
+            f"{src.path}: cannot read the qcow2 image ({e.message})",
+            hint="the image is damaged or truncated; check it with qemu-img check",
+        ) from None
     try:
         yield tmp
     finally:
@@ -180,7 +203,8 @@ def _hash_zeros(h: hashlib._Hash, n: int) -> None:
 
 def _cache_dir() -> Path:
     base = os.environ.get("VMTOOL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vmtool")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vmtool"
+    )
     return Path(base) / "sha256"
 
 

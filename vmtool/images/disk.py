@@ -108,16 +108,44 @@ def _xfs_protofile(tree: Path, proto: Path) -> None:
 def make_fs(tree: Path, image: Path, *, fstype: str, label: str, uuid: str, size_mib: int) -> None:
     """A filesystem image of `tree` made without mounting."""
     if fstype in ("ext2", "ext3", "ext4"):
-        run(["mke2fs", "-q", "-F", "-t", fstype, "-L", label, "-U", uuid, "-d", os.fspath(tree),
-             os.fspath(image), f"{size_mib}M"])
+        run(
+            [
+                "mke2fs",
+                "-q",
+                "-F",
+                "-t",
+                fstype,
+                "-L",
+                label,
+                "-U",
+                uuid,
+                "-d",
+                os.fspath(tree),
+                os.fspath(image),
+                f"{size_mib}M",
+            ]
+        )
     elif fstype == "xfs":
         proto = image.with_suffix(".proto")
         _xfs_protofile(tree, proto)
         with open(image, "wb") as f:
             f.truncate(max(size_mib, 300) * MiB)
         # mkfs.xfs refuses filesystems under 300 MB unless it believes it runs under the xfs test suite.
-        run(["mkfs.xfs", "-q", "-f", "-L", label, "-m", f"uuid={uuid}", "-p", os.fspath(proto), os.fspath(image)],
-            env={"TEST_DIR": "1", "TEST_DEV": "1", "QA_CHECK_FS": "1"})
+        run(
+            [
+                "mkfs.xfs",
+                "-q",
+                "-f",
+                "-L",
+                label,
+                "-m",
+                f"uuid={uuid}",
+                "-p",
+                os.fspath(proto),
+                os.fspath(image),
+            ],
+            env={"TEST_DIR": "1", "TEST_DEV": "1", "QA_CHECK_FS": "1"},
+        )
         proto.unlink()
     else:
         raise VmtoolError(f"make_fs: unsupported filesystem type {fstype!r}")
@@ -133,19 +161,34 @@ def _fs_size_mib(fstype: str, data_bytes: int, minimum: int) -> int:
 @contextlib.contextmanager
 def loop_device(image: Path, offset: int, size: int) -> Iterator[str]:
     try:
-        dev = run(["losetup", "-f", "--show", "-o", str(offset), "--sizelimit", str(size), os.fspath(image)],
-                  hint="making LVM test images needs root (loop devices)").stdout.decode().strip()
+        dev = (
+            run(
+                ["losetup", "-f", "--show", "-o", str(offset), "--sizelimit", str(size), os.fspath(image)],
+                hint="making LVM test images needs root (loop devices)",
+            )
+            .stdout.decode()
+            .strip()
+        )
     except VmtoolError as e:
-        raise VmtoolError(f"cannot attach a loop device for LVM: {e.message}",
-                          hint="making LVM test images needs root and loop devices") from None
+        raise VmtoolError(
+            f"cannot attach a loop device for LVM: {e.message}",
+            hint="making LVM test images needs root and loop devices",
+        ) from None
     try:
         yield dev
     finally:
         run(["losetup", "-d", dev], check=False)
 
 
-def write_lvm(image: Path, offset: int, size: int, *, vg: str, lvs: Sequence[tuple[str, list[tuple[int, int]]]],
-              workdir: Path) -> dict[str, Any]:
+def write_lvm(
+    image: Path,
+    offset: int,
+    size: int,
+    *,
+    vg: str,
+    lvs: Sequence[tuple[str, list[tuple[int, int]]]],
+    workdir: Path,
+) -> dict[str, Any]:
     """Real LVM2 metadata on the partition at `offset`: one PV, VG `vg`, LVs given as (name, [(pe, count)...]).
 
     Returns pe_start (bytes) and extent_size (bytes) for placing LV data.
@@ -165,14 +208,15 @@ def write_lvm(image: Path, offset: int, size: int, *, vg: str, lvs: Sequence[tup
             le = 0
             for i, (pe, count) in enumerate(segs, 1):
                 seg_text.append(
-                    f"segment{i} {{\nstart_extent = {le}\nextent_count = {count}\ntype = \"striped\"\n"
-                    f"stripe_count = 1\nstripes = [\n\"pv0\", {pe}\n]\n}}\n"
+                    f'segment{i} {{\nstart_extent = {le}\nextent_count = {count}\ntype = "striped"\n'
+                    f'stripe_count = 1\nstripes = [\n"pv0", {pe}\n]\n}}\n'
                 )
                 le += count
             blocks.append(
-                f"{name} {{\nid = \"{_lvm_uuid()}\"\nstatus = [\"READ\", \"WRITE\", \"VISIBLE\"]\nflags = []\n"
-                f"creation_time = 1700000000\ncreation_host = \"vmtool-test\"\nsegment_count = {len(segs)}\n"
-                + "".join(seg_text) + "}\n"
+                f'{name} {{\nid = "{_lvm_uuid()}"\nstatus = ["READ", "WRITE", "VISIBLE"]\nflags = []\n'
+                f'creation_time = 1700000000\ncreation_host = "vmtool-test"\nsegment_count = {len(segs)}\n'
+                + "".join(seg_text)
+                + "}\n"
             )
         # Insert the LV section before the VG's closing brace (the last "}" of the VG block).
         head, _, tail = text.rpartition("}")
@@ -200,7 +244,7 @@ def _lvm_uuid() -> str:
     parts = [6, 4, 4, 4, 4, 4, 6]
     out, i = [], 0
     for n in parts:
-        out.append(s[i:i + n])
+        out.append(s[i : i + n])
         i += n
     return "-".join(out)
 
@@ -267,8 +311,14 @@ def make_whole_disk(
     """
     out = Path(out)
     kernels = list(kernels) if kernels is not None else [newest_host_kernel()]
-    facts: dict[str, Any] = {"table": table, "boot": boot, "root_kind": root, "fstype": fstype,
-                             "fstab_style": fstab_style, "vg": vg if root == "lvm" else None}
+    facts: dict[str, Any] = {
+        "table": table,
+        "boot": boot,
+        "root_kind": root,
+        "fstype": fstype,
+        "fstab_style": fstab_style,
+        "vg": vg if root == "lvm" else None,
+    }
     with tempfile.TemporaryDirectory(prefix="vmtool-disk-", dir=out.parent) as tmps:
         tmp = Path(tmps)
         rtree = tmp / "root"
@@ -348,11 +398,17 @@ def make_whole_disk(
             if table == "mbr" and last:
                 ext_start = p["start_mib"] - 1
                 script.append(f"start={ext_start * 2048}, size={(p['size_mib'] + 1) * 2048}, type=5")
-                script.append(f"start={p['start_mib'] * 2048}, size={p['size_mib'] * 2048}, type={types[p['type']]}")
+                script.append(
+                    f"start={p['start_mib'] * 2048}, size={p['size_mib'] * 2048}, type={types[p['type']]}"
+                )
             else:
-                script.append(f"start={p['start_mib'] * 2048}, size={p['size_mib'] * 2048}, type={types[p['type']]}")
-        run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", os.fspath(img)],
-            input=("\n".join(script) + "\n").encode())
+                script.append(
+                    f"start={p['start_mib'] * 2048}, size={p['size_mib'] * 2048}, type={types[p['type']]}"
+                )
+        run(
+            ["sfdisk", "-q", "--no-reread", "--no-tell-kernel", os.fspath(img)],
+            input=("\n".join(script) + "\n").encode(),
+        )
         numbers = []
         for n, p in enumerate(parts):
             num = n + 1
@@ -364,7 +420,9 @@ def make_whole_disk(
 
         if boot == "partition":
             bimg = tmp / "boot.img"
-            make_fs(btree, bimg, fstype="ext4", label="boot", uuid=facts["boot_fs"]["uuid"], size_mib=boot_mib)
+            make_fs(
+                btree, bimg, fstype="ext4", label="boot", uuid=facts["boot_fs"]["uuid"], size_mib=boot_mib
+            )
             sparse_copy_into(bimg, img, parts[0]["start_mib"] * MiB)
             bimg.unlink()
             facts["boot_fs"]["partition"] = parts[0]["number"]
@@ -407,8 +465,13 @@ def make_whole_disk(
             for (pe, _count), part_file in zip(root_segs, seg_files, strict=True):
                 sparse_copy_into(part_file, img, pv_data + pe * es)
                 part_file.unlink()
-            facts["lvm"] = {"pe_start": lvm["pe_start"], "extent_size": es, "lv_root": root_segs,
-                            "lv_swap": swap_segs, "partition": p["number"]}
+            facts["lvm"] = {
+                "pe_start": lvm["pe_start"],
+                "extent_size": es,
+                "lv_root": root_segs,
+                "lv_swap": swap_segs,
+                "partition": p["number"],
+            }
             facts["root"]["offset"] = pv_data + root_segs[0][0] * es
         facts["root"]["size"] = root_bytes
         rimg.unlink(missing_ok=True)
@@ -458,8 +521,18 @@ def make_default_disk(out: str | os.PathLike[str], *, fmt: str = "raw") -> dict[
     """
     out = Path(out)
     _k, _i, ver = newest_host_kernel()
-    with tempfile.TemporaryDirectory(prefix="vmtool-tree-", dir=out.parent if out.parent.exists() else None) as t:
+    with tempfile.TemporaryDirectory(
+        prefix="vmtool-tree-", dir=out.parent if out.parent.exists() else None
+    ) as t:
         tree = Path(t) / "tree"
         make_rootfs_tree(tree, label="rootfs", kernel_version=ver)
-        return make_whole_disk(out, tree=tree, table="gpt", boot="partition", root="lvm", fstype="ext4",
-                               fstab_style="mapper", fmt=fmt)
+        return make_whole_disk(
+            out,
+            tree=tree,
+            table="gpt",
+            boot="partition",
+            root="lvm",
+            fstype="ext4",
+            fstab_style="mapper",
+            fmt=fmt,
+        )

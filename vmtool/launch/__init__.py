@@ -16,21 +16,32 @@ Public API (used by `vmtool launch` and by the queue worker, which may run 1-2 V
         channels=(("org.vmtool.relay.0", Path("sandbox/relay0.sock")),),  # virtio-serial <-> unix socket
         console_log=None,                       # None: sandbox/<name>.console.log
         use_cgroup=True,                        # False = --no-cgroup (VM stays where libvirt puts it)
+        cgroup_parent=None,                     # None: the job's own cgroup (/proc/self/cgroup); or a
+                                                #   path relative to the hierarchy roots
+        memory_limit_mib=None,                  # the VM cgroup's limit; None: guest memory + qemu overhead
         extra_cmdline=("vmtool.job=42",),       # appended to the kernel command line (manifest boot)
+        network="user",                         # "user", "none" or a libvirt network name
+        graphics=False, machine_ad=None,        # keep graphics on 127.0.0.1; slot ad other than the env's
+        grace=30.0,                             # seconds between ACPI shutdown and destroy
     )
 
     with start(spec) as vm:                     # RunningVM; domain is running, qemu is in our cgroup
         vm.pid, vm.name, vm.console_log, vm.xml, vm.warnings
-        reason = vm.wait(timeout=None)          # -> ExitReason (POWEROFF, TIMEOUT, MEMORY, CRASHED, SIGNALLED)
+        reason = vm.wait(timeout=None, stop=ev) # -> ExitReason (POWEROFF, TIMEOUT, MEMORY, CRASHED, SIGNALLED)
+                                                #   timeout or ev.set(): shutdown(grace) first
         vm.shutdown(grace=30)                   # ACPI request, destroy after `grace` seconds
         vm.destroy()
         vm.stats()                              # -> VMStats: cpu_seconds, peak_memory_bytes, disk/net bytes
+        vm.is_running()                         # False once libvirt reported the domain stopped
     # on leaving the block: domain destroyed if still there, cgroup removed, whatever happened.
 
     report = launch(spec, stop=threading.Event())  # whole run for the CLI -> LaunchReport (.to_dict())
 
 For a unix-socket channel, libvirt creates (binds) the socket; connect to it after start() returns.
 In the guest the port appears as /dev/vportNpM whose /sys/class/virtio-ports/*/name is the channel name.
+
+ExitReason.X.exit_code is what `vmtool launch` exits with (0, 124, 5, 4, 143; docs/launch.md).
+The domain is transient, started paused and with AUTODESTROY (if the process dies, libvirt destroys it).
 
 Modules: `host` (libvirt capabilities, the KVM probe and its cache), `cgroups` (the only writer of
 /sys/fs/cgroup), `vm` (LaunchSpec, RunningVM, start, launch). The domain XML itself is made by

@@ -195,6 +195,7 @@ class RunningVM:
         root = etree.fromstring(rendered.xml.encode())
         self._disk_targets = [t.get("dev", "") for t in root.findall("devices/disk/target")]
         self._macs = [m.get("address", "") for m in root.findall("devices/interface/mac")]
+        self._net_counted = bool(self._macs)
         self.reason: ExitReason | None = None
         self.detail = ""
 
@@ -250,14 +251,16 @@ class RunningVM:
                 st.disk_read_bytes, st.disk_write_bytes = rd, wr
             except libvirt.libvirtError:
                 pass
-            try:
-                rx = tx = 0
-                for mac in self._macs:
-                    s = self._dom.interfaceStats(mac)
-                    rx, tx = rx + s[0], tx + s[4]
-                st.net_rx_bytes, st.net_tx_bytes = rx, tx
-            except libvirt.libvirtError:
-                pass  # user-mode networking has no host interface to count on
+            if self._net_counted:
+                try:
+                    rx = tx = 0
+                    for mac in self._macs:
+                        s = self._dom.interfaceStats(mac)
+                        rx, tx = rx + s[0], tx + s[4]
+                    st.net_rx_bytes, st.net_tx_bytes = rx, tx
+                except libvirt.libvirtError:
+                    # user-mode networking has no host interface to count on; do not ask again
+                    self._net_counted = False
             if self.cgroup is None:
                 try:
                     info = self._dom.info()
@@ -301,7 +304,7 @@ class RunningVM:
             else:
                 self._ended.wait(step)
             if not self._ended.is_set() and not self._exists():
-                self._ended.wait(1.0)  # the lifecycle event is on its way
+                self._ended.wait(3.0)  # the lifecycle event is on its way
                 self._ended.set()
         return self._classify()
 

@@ -14,7 +14,8 @@ from vmtool.errors import QueueError
 
 AGENT_VERSION = "1"
 
-MODES = ("relay", "direct")
+# Direct mode (the guest reserving from beanstalkd itself) is not implemented: see docs/queue.md.
+MODES = ("relay",)
 
 AGENT_PATH = "/usr/lib/vmtool/agent.sh"
 HOOK_PATH = "/etc/vmtool/rc.d/50-vmtool-agent"
@@ -39,6 +40,11 @@ def agent_script(mode: str = "relay") -> str:
 
 
 def _check_mode(mode: str) -> None:
+    if mode == "direct":
+        raise QueueError(
+            "the direct-mode guest agent is not available in this vmtool",
+            hint="use --agent relay: items reach the VM over virtio-serial and the guest needs no network",
+        )
     if mode not in MODES:
         raise QueueError(f"unknown agent mode {mode!r}", hint=f"use one of: {', '.join(MODES)}")
 

@@ -87,8 +87,25 @@ class LaunchedVM:
         self.name: str = running.name
         self.relay_socket = relay_socket
 
+    def failure(self) -> str | None:
+        """Why the guest is as good as dead though qemu runs (a kernel panic on its console), or None."""
+        log = getattr(self.running, "console_log", None)
+        if not log:
+            return None
+        try:
+            with open(log, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 8192))
+                tail = f.read().decode(errors="replace")
+        except OSError:
+            return None
+        for line in tail.splitlines():
+            if "Kernel panic - not syncing" in line or "can't execute '/sbin/init'" in line:
+                return line.split("] ", 1)[-1].strip()[:200]
+        return None
+
     def alive(self) -> bool:
-        if not self.running.is_running():
+        if not self.running.is_running() or self.failure() is not None:
             return False
         pid = getattr(self.running, "pid", None)
         if not pid:
@@ -119,6 +136,9 @@ class VMFactory:
     cpus: int | None = None
     use_cgroup: bool = True
     cgroup_parent: str | None = None
+    # Relay mode needs no guest network at all: without a NIC the guest cannot reach the queue (or
+    # anything else); user-mode networking would let it reach the host's loopback at 10.0.2.2.
+    network: str = "none"
     uri: str = "qemu:///system"
     name_prefix: str = "vmtool-q"
 
@@ -150,6 +170,7 @@ class VMFactory:
                 channels=((RELAY_PORT_NAME, sock),),
                 use_cgroup=self.use_cgroup,
                 cgroup_parent=self.cgroup_parent,
+                network=self.network,
             )
             with _LIBVIRT_LOCK:
                 running = start(spec)

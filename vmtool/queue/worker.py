@@ -41,6 +41,7 @@ from vmtool.queue.relay import Relay, RelayError
 log = logging.getLogger("vmtool.queue.worker")
 
 DEFAULT_MAX_ATTEMPTS = 3
+MAX_BOOT_FAILURES = 2
 
 
 class GuestVM(Protocol):
@@ -50,6 +51,8 @@ class GuestVM(Protocol):
     relay_socket: Path
 
     def alive(self) -> bool: ...
+
+    def failure(self) -> str | None: ...
 
     def usage(self) -> dict[str, Any]: ...
 
@@ -81,6 +84,7 @@ class VMRecord:
     started: float = 0.0
     ended: float = 0.0
     end_reason: str = ""
+    boot_failures: int = 0
     usage: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -225,6 +229,10 @@ class Worker:
             self._event("error", slot=rec.slot, message=msg)
         finally:
             if bs is not None:
+                try:
+                    self._retrying(bs, "delete", bs.flush)
+                except QueueError as e:
+                    log.warning("%s", e.message)
                 bs.close()
 
     def _one_vm(self, rec: VMRecord, bs: Beanstalk) -> bool:
@@ -238,6 +246,7 @@ class Worker:
             try:
                 relay.wait_hello(timeout=self.opts.boot_timeout, alive=self._alive_or_term(vm))
                 rec.boot_s += time.monotonic() - t0
+                rec.boot_failures = 0
                 self._event("ready", slot=rec.slot, vm=vm.name, boot_s=round(time.monotonic() - t0, 1))
                 again = self._serve(rec, bs, vm, relay)
                 if not again:
@@ -247,11 +256,19 @@ class Worker:
                 rec.end_reason = "terminated"
                 again = False
             except RelayError as e:
-                # Died while booting: counts against no item; try a new VM unless stopping.
-                log.warning("%s: %s", vm.name, e.message)
-                self._event("vm-failed", slot=rec.slot, vm=vm.name, message=e.message)
-                again = not self._stop.is_set()
+                # Died while booting: counts against no item; try a new VM unless stopping, but give
+                # up on a slot whose VMs keep failing to boot (a broken image would loop forever).
+                why = e.message + (f" ({vm.failure()})" if vm.failure() else "")
+                log.warning("%s", why)
+                self._event("vm-failed", slot=rec.slot, vm=vm.name, message=why)
                 rec.end_reason = "failed"
+                rec.boot_failures += 1
+                if rec.boot_failures >= MAX_BOOT_FAILURES:
+                    raise QueueError(
+                        f"VMs failed to boot {rec.boot_failures} times in a row; last: {why}",
+                        hint="check the image with 'vmtool launch --manifest ...' and its console log",
+                    ) from None
+                again = not self._stop.is_set()
             finally:
                 relay.close()
                 rec.usage = vm.usage()
@@ -279,7 +296,10 @@ class Worker:
                 rec.end_reason = "terminated" if self._term.is_set() else "stopped"
                 return False
             if not vm.alive():
-                raise RelayError(f"{vm.name}: the VM stopped")
+                log.warning("%s stopped while idle%s", vm.name, f" ({vm.failure()})" if vm.failure() else "")
+                self._event("vm-failed", slot=rec.slot, vm=vm.name, message="stopped while idle")
+                rec.end_reason = "died"
+                return True
             if time.monotonic() - idle_since > self.opts.idle_timeout:
                 self._event("idle", slot=rec.slot, vm=vm.name)
                 rec.end_reason = "idle"
@@ -344,7 +364,7 @@ class Worker:
         except ItemError as e:
             self._bury(bs, job.id, None, f"malformed item: {e.message}", 0)
             return
-        st = self._retrying(bs, "stats-job", lambda: bs.stats_job(job.id)) or {}
+        st = self._retrying(bs, "stats-job", lambda: bs.job_counts(job.id)) or {}
         ttr = int(st.get("ttr", 60))
         # Reservations of this job that ended without a result or a polite release: its VM or worker
         # died or its TTR ran out. Plus failed attempts recorded in the body by earlier re-puts.
@@ -421,10 +441,10 @@ class Worker:
     def _finish(self, bs: Beanstalk, job_id: int, res: Result) -> None:
         body = res.encode()
         self._retrying(bs, "put result", lambda: bs.put(body, tube=results_tube(self.opts.tube), ttr=60))
-        if not self._retrying(bs, "delete", lambda: bs.delete(job_id)):
-            # Lost the reservation (TTR ran out or beanstalkd restarted): the item may run again; its
-            # duplicate result is dropped by readers (results are keyed by item id).
-            log.warning("job %d was no longer ours when deleting it", job_id)
+        # The result is stored: the delete goes out with the next reserve (or at the slot's end). If
+        # the reservation was lost meanwhile (TTR, beanstalkd restart) the item may run again; its
+        # duplicate result is dropped by readers (results are keyed by item id).
+        bs.defer_delete(job_id)
         with self._lock:
             self.report.done += 1
         self._event("result", item=res.id, status=res.status, exit=res.exit, vm=res.vm,

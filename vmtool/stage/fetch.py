@@ -223,6 +223,16 @@ def _http_error(src: Source, e: BaseException) -> TransferFailed:
             server=src.host,
         )
     reason = getattr(e, "reason", e)
+    import ssl
+
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return TransferFailed(
+            f"{src.text}: the TLS certificate of {src.host} cannot be verified ({reason.verify_message})",
+            error_type="Authorization",
+            server=src.host,
+            failure_type="Authentication",
+            hint="install the server's CA on this node (or point SSL_CERT_FILE at it)",
+        )
     if isinstance(reason, socket.gaierror):
         return TransferFailed(
             f"{src.text}: cannot resolve host {src.host!r}",

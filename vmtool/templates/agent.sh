@@ -74,9 +74,17 @@ run_item() {
 	say "RESULT $seq $rc $took"
 	send_section STDOUT "$WORK/stdout" "$maxout"
 	send_section STDERR "$WORK/stderr" "$maxout"
+	nout=0
 	for f in "$WORK"/out/*; do
 		[ -f "$f" ] || continue
 		n="${f##*/}"
+		# Only plain names come back (the host refuses others), at most 16 files.
+		case "$n" in
+		*[!A-Za-z0-9._-]* | .* | -*) log "item $seq: output $n skipped (not a plain file name)"; continue ;;
+		esac
+		[ "${#n}" -le 100 ] || continue
+		nout=$((nout + 1))
+		[ "$nout" -gt 16 ] && { log "item $seq: more than 16 output files; the rest skipped"; break; }
 		say "OUTPUT $n"
 		head -c "$maxout" "$f" | base64 >&3
 		say .
