@@ -36,7 +36,7 @@ from vmtool.queue.client import collect_results, put_items  # noqa: E402
 from vmtool.queue.items import Item, Result, parse_item  # noqa: E402
 
 N_LAYER = int(os.environ.get("BENCH_QUEUE_ITEMS", "500"))
-ROUNDS = int(os.environ.get("BENCH_QUEUE_ROUNDS", "25"))
+ROUNDS = int(os.environ.get("BENCH_QUEUE_ROUNDS", "41"))
 N_VM_ITEMS = int(os.environ.get("BENCH_VM_ITEMS", "60"))
 LIMIT = 0.7
 
@@ -67,8 +67,10 @@ def raw_path(addr: tuple[str, int], tube: str, n: int) -> float:
     import greenstalk
 
     items = _items(n, tube)
-    with greenstalk.Client(addr, encoding=None, use=tube) as prod, \
-            greenstalk.Client(addr, encoding=None, watch=tube) as work:
+    with (
+        greenstalk.Client(addr, encoding=None, use=tube) as prod,
+        greenstalk.Client(addr, encoding=None, watch=tube) as work,
+    ):
         work.use(results_tube(tube))
         t0 = time.perf_counter()
         for it in items:
@@ -107,9 +109,11 @@ def part1(addr: tuple[str, int]) -> bool:
         drain(addr, f"bench-r{r}.results")
     ratio = statistics.median(ratios)
     ok = ratio >= LIMIT
-    print(f"queue layer: vmtool put->reserve->result->delete {statistics.median(ours):.0f} items/s / raw "
-          f"greenstalk {statistics.median(raws):.0f} items/s = {ratio:.2f} (median of {ROUNDS} paired rounds "
-          f"of {N_LAYER}; limit >= {LIMIT}) {'OK' if ok else 'FAIL'}")
+    print(
+        f"queue layer: vmtool put->reserve->result->delete {statistics.median(ours):.0f} items/s / raw "
+        f"greenstalk {statistics.median(raws):.0f} items/s = {ratio:.2f} (median of {ROUNDS} paired rounds "
+        f"of {N_LAYER}; limit >= {LIMIT}) {'OK' if ok else 'FAIL'}"
+    )
     return ok
 
 
@@ -134,8 +138,12 @@ def part2(addr: tuple[str, int], top: Path) -> None:
             elif what == "result":
                 results.append(time.monotonic())
 
-    factory = VMFactory(resolve_image(res.outdir / "manifest.json"), top / "work", memory_mib=512,
-                        name_prefix="vmtool-bench-")
+    factory = VMFactory(
+        resolve_image(res.outdir / "manifest.json"),
+        top / "work",
+        memory_mib=512,
+        name_prefix="vmtool-bench-",
+    )
     worker = Worker(WorkerOptions(addr, tube, vms=2, idle_timeout=120), factory, on_event=on_event)
     t = threading.Thread(target=worker.run, daemon=True)
     t.start()
@@ -154,8 +162,10 @@ def part2(addr: tuple[str, int], top: Path) -> None:
         assert len(got.results) == N_VM_ITEMS
         per_min = N_VM_ITEMS / (t1 - t0) * 60
         per_vm = {v.name: v.items for v in worker.report.vms}
-        print(f"2 relay-mode VMs (TCG): {per_min:.0f} items/minute ({N_VM_ITEMS} trivial items, VMs warm; "
-              f"per VM {sorted(per_vm.values())})")
+        print(
+            f"2 relay-mode VMs (TCG): {per_min:.0f} items/minute ({N_VM_ITEMS} trivial items, VMs warm; "
+            f"per VM {sorted(per_vm.values())})"
+        )
         lat = []
         with Beanstalk(addr) as bs, Beanstalk(addr, watch=results_tube(tube)) as rb:
             for i in range(5):
@@ -165,8 +175,10 @@ def part2(addr: tuple[str, int], top: Path) -> None:
                 assert len(one.results) == 1
                 lat.append(time.monotonic() - t0)
                 time.sleep(0.5)
-        print(f"put -> result for one item with a warm VM: {statistics.median(lat):.3f} s (median of 5, "
-              f"min {min(lat):.3f} s)")
+        print(
+            f"put -> result for one item with a warm VM: {statistics.median(lat):.3f} s (median of 5, "
+            f"min {min(lat):.3f} s)"
+        )
     finally:
         worker.stop()
         t.join(120)
@@ -179,7 +191,9 @@ def main() -> int:
         from vmtool.run import DEVNULL, find_tool, spawn
 
         port = _port()
-        proc = spawn([find_tool("beanstalkd"), "-l", "127.0.0.1", "-p", str(port)], stdout=DEVNULL, stderr=DEVNULL)
+        proc = spawn(
+            [find_tool("beanstalkd"), "-l", "127.0.0.1", "-p", str(port)], stdout=DEVNULL, stderr=DEVNULL
+        )
         try:
             _wait_port(port)
             ok = part1(("127.0.0.1", port))
@@ -187,8 +201,10 @@ def main() -> int:
             proc.terminate()
             proc.wait(10)
         if os.environ.get("BENCH_QUEUE_SKIP_VMS") != "1":
-            with libvirtd_running("qemu:///system", lambda s: None, top), \
-                    local_beanstalkd(top / "binlog") as addr:
+            with (
+                libvirtd_running("qemu:///system", lambda s: None, top),
+                local_beanstalkd(top / "binlog") as addr,
+            ):
                 part2(addr, top)
     return 0 if ok else 1
 

@@ -26,21 +26,36 @@ from vmtool.run import DEVNULL, PIPE, Popen, find_tool, run, spawn
 
 Say = Callable[[str], None]
 
-WORDS = ("At least once, never silently lost: the worker touches reserved items while the VM works.\n"
-         "The VM never needs credentials or a route to the queue.\n")
+WORDS = (
+    "At least once, never silently lost: the worker touches reserved items while the VM works.\n"
+    "The VM never needs credentials or a route to the queue.\n"
+)
 
 # Ten small items that show inputs, outputs, stdout/stderr, exit codes and the guest's view.
 DEMO_ITEMS: list[dict[str, Any]] = [
     {"id": "hello", "cmd": ["sh", "-c", "echo hello from $(hostname), kernel $(uname -r)"]},
     {"id": "cpus", "cmd": ["sh", "-c", "grep -c ^processor /proc/cpuinfo"]},
     {"id": "memory", "cmd": ["sh", "-c", "grep MemTotal /proc/meminfo"]},
-    {"id": "wordcount", "cmd": ["wc", "-w", "words.txt"],
-     "inputs": {"words.txt": {"data": base64.b64encode(WORDS.encode()).decode()}}},
-    {"id": "checksum", "cmd": ["sh", "-c", "sha256sum words.txt | cut -c1-16"],
-     "inputs": {"words.txt": {"data": base64.b64encode(WORDS.encode()).decode()}}},
-    {"id": "primes", "cmd": ["sh", "-c", "n=2; c=0; while [ $n -lt 300 ]; do d=2; p=1; "
-                             "while [ $((d*d)) -le $n ]; do [ $((n%d)) -eq 0 ] && p=0 && break; d=$((d+1)); done; "
-                             "c=$((c+p)); n=$((n+1)); done; echo $c primes below 300"]},
+    {
+        "id": "wordcount",
+        "cmd": ["wc", "-w", "words.txt"],
+        "inputs": {"words.txt": {"data": base64.b64encode(WORDS.encode()).decode()}},
+    },
+    {
+        "id": "checksum",
+        "cmd": ["sh", "-c", "sha256sum words.txt | cut -c1-16"],
+        "inputs": {"words.txt": {"data": base64.b64encode(WORDS.encode()).decode()}},
+    },
+    {
+        "id": "primes",
+        "cmd": [
+            "sh",
+            "-c",
+            "n=2; c=0; while [ $n -lt 300 ]; do d=2; p=1; "
+            "while [ $((d*d)) -le $n ]; do [ $((n%d)) -eq 0 ] && p=0 && break; d=$((d+1)); done; "
+            "c=$((c+p)); n=$((n+1)); done; echo $c primes below 300",
+        ],
+    },
     {"id": "output-file", "cmd": ["sh", "-c", "seq 1 5 > $VMTOOL_OUTDIR/seq.txt; echo wrote seq.txt"]},
     {"id": "stderr", "cmd": ["sh", "-c", "echo to stderr >&2; exit 3"]},
     {"id": "no-network", "cmd": ["sh", "-c", "ls /sys/class/net | tr '\\n' ' '; echo"]},
@@ -79,7 +94,9 @@ def libvirtd_running(uri: str, say: Say, logdir: Path) -> Iterator[None]:
         yield
         return
     if uri != "qemu:///system":
-        raise VmtoolError(f"libvirt at {uri} does not answer", hint="start libvirtd, or use the default --uri")
+        raise VmtoolError(
+            f"libvirt at {uri} does not answer", hint="start libvirtd, or use the default --uri"
+        )
     say("starting libvirtd (none is running)")
     procs: list[Popen[bytes]] = []
     try:
@@ -108,8 +125,11 @@ def libvirtd_running(uri: str, say: Say, logdir: Path) -> Iterator[None]:
 def local_beanstalkd(binlog: Path) -> Iterator[tuple[str, int]]:
     port = _free_port()
     binlog.mkdir(parents=True, exist_ok=True)
-    proc = spawn([find_tool("beanstalkd"), "-l", "127.0.0.1", "-p", str(port), "-b", os.fspath(binlog)],
-                 stdout=DEVNULL, stderr=PIPE)
+    proc = spawn(
+        [find_tool("beanstalkd"), "-l", "127.0.0.1", "-p", str(port), "-b", os.fspath(binlog)],
+        stdout=DEVNULL,
+        stderr=PIPE,
+    )
     try:
         end = time.monotonic() + 10
         while True:
@@ -141,8 +161,9 @@ def _slot_cgroup(opts: DemoOptions, say: Say) -> Iterator[str | None]:
 
     name = f"vmtool-demo-{os.getpid()}"
     try:
-        slot = cgroups.create(name, memory_bytes=opts.vms * (opts.memory_mib + 512) << 20, cpus=opts.vms,
-                              parent="/")
+        slot = cgroups.create(
+            name, memory_bytes=opts.vms * (opts.memory_mib + 512) << 20, cpus=opts.vms, parent="/"
+        )
     except CgroupError as e:
         say(f"no slot cgroup ({e.message}); the VMs stay where libvirt puts them")
         yield None
@@ -174,8 +195,16 @@ def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
     def timed(label: str, t0: float) -> None:
         timings[label] = round(time.monotonic() - t0, 2)
 
-    items = [item_from_dict(dict(DEMO_ITEMS[i % len(DEMO_ITEMS)], v=1, id=f"{i + 1:02d}-{DEMO_ITEMS[i % len(DEMO_ITEMS)]['id']}"))
-             for i in range(opts.items)]
+    items = [
+        item_from_dict(
+            dict(
+                DEMO_ITEMS[i % len(DEMO_ITEMS)],
+                v=1,
+                id=f"{i + 1:02d}-{DEMO_ITEMS[i % len(DEMO_ITEMS)]['id']}",
+            )
+        )
+        for i in range(opts.items)
+    ]
     with contextlib.ExitStack() as stack:
         if opts.workdir is not None:
             opts.workdir.mkdir(parents=True, exist_ok=True)
@@ -196,8 +225,13 @@ def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
 
         t0 = time.monotonic()
         say("staging the build as a qcow2 overlay (node-local cache)")
-        staged = stage(parse_source(os.fspath(manifest)), top / "sandbox", Cache.open(os.fspath(top / "cache")),
-                       name="root.qcow2", progress=False)
+        staged = stage(
+            parse_source(os.fspath(manifest)),
+            top / "sandbox",
+            Cache.open(os.fspath(top / "cache")),
+            name="root.qcow2",
+            progress=False,
+        )
         timed("stage", t0)
 
         stack.enter_context(libvirtd_running(opts.uri, say, top))
@@ -208,11 +242,19 @@ def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
         tube = "demo"
         with Beanstalk(addr) as bs:
             put_items(bs, tube, items, ttr=60)
-        say(f"put {len(items)} items on tube {tube!r}; starting the worker with {opts.vms} VMs (TCG boots take a while)")
+        say(
+            f"put {len(items)} items on tube {tube!r}; starting the worker with {opts.vms} VMs (TCG boots take a while)"
+        )
 
-        factory = VMFactory(resolve_image(staged.overlay, manifest=manifest), top / "work",
-                            memory_mib=opts.memory_mib, use_cgroup=opts.use_cgroup and parent is not None,
-                            cgroup_parent=parent, uri=opts.uri, name_prefix="vmtool-demo-")
+        factory = VMFactory(
+            resolve_image(staged.overlay, manifest=manifest),
+            top / "work",
+            memory_mib=opts.memory_mib,
+            use_cgroup=opts.use_cgroup and parent is not None,
+            cgroup_parent=parent,
+            uri=opts.uri,
+            name_prefix="vmtool-demo-",
+        )
         wopts = WorkerOptions(addr, tube, vms=opts.vms, idle_timeout=30, max_attempts=2)
         done = 0
         worker: Worker | None = None
@@ -223,8 +265,10 @@ def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
                 say(f"  {data['vm']} booted in {data['boot_s']:.0f} s, taking items")
             elif what == "result":
                 done += 1
-                say(f"  [{done}/{len(items)}] {data['item']}: {data['status']} (exit {data['exit']}) "
-                    f"on {data['vm']}")
+                say(
+                    f"  [{done}/{len(items)}] {data['item']}: {data['status']} (exit {data['exit']}) "
+                    f"on {data['vm']}"
+                )
                 if done >= len(items) and worker is not None:
                     worker.stop()
             elif what in ("retry", "buried", "vm-failed", "error"):
@@ -244,8 +288,10 @@ def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
         with Beanstalk(addr, watch=results_tube(tube)) as bs:
             got = collect_results(bs, want=len(items), timeout=5)
         if report.terminated and len(got.results) < len(items):
-            raise VmtoolError(f"the demo did not finish within {opts.timeout:.0f} s "
-                              f"({len(got.results)} of {len(items)} results)")
+            raise VmtoolError(
+                f"the demo did not finish within {opts.timeout:.0f} s "
+                f"({len(got.results)} of {len(items)} results)"
+            )
     timings["total"] = round(time.monotonic() - t_start, 2)
     results = [got.results[it.id] for it in items if it.id in got.results]
     return {

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.images import whole_disk
 from vmtool.cli.main import main
 from vmtool.image import lvm
 from vmtool.images.default import newest_host_kernel
-from vmtool.images.disk import make_whole_disk, sparse_copy_into
+from vmtool.images.disk import sparse_copy_into
 from vmtool.run import run
 
 pytestmark = pytest.mark.integration
@@ -113,7 +114,7 @@ def _rewrite_lvm_text(
 @pytest.fixture
 def lvm_disk(guest_tree_dir: Path, tmp_path: Path) -> tuple[Path, dict[str, Any]]:
     disk = tmp_path / "lvm.raw"
-    facts = make_whole_disk(disk, tree=guest_tree_dir, table="gpt", boot="partition", root="lvm")
+    facts = whole_disk(disk, tree=guest_tree_dir, table="gpt", boot="partition", root="lvm")
     return disk, facts
 
 
@@ -202,7 +203,7 @@ def test_several_candidate_roots_then_root_option(
 
 def test_no_kernel(guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     disk = tmp_path / "nokernel.raw"
-    make_whole_disk(disk, tree=guest_tree_dir, boot="partition", root="lvm", kernels=[], decoys=False)
+    whole_disk(disk, tree=guest_tree_dir, boot="partition", root="lvm", kernels=[], decoys=False)
     build_fails(capsys, disk, tmp_path, "no kernel found")
 
 
@@ -210,7 +211,7 @@ def test_kernel_symlink_outside_the_guest(
     guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     disk = tmp_path / "evil.raw"
-    make_whole_disk(
+    whole_disk(
         disk,
         tree=guest_tree_dir,
         boot="partition",
@@ -227,7 +228,7 @@ def test_kernel_symlink_leaving_boot(
     guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     disk = tmp_path / "evil2.raw"
-    make_whole_disk(
+    whole_disk(
         disk,
         tree=guest_tree_dir,
         boot="partition",
@@ -235,6 +236,38 @@ def test_kernel_symlink_leaving_boot(
         boot_symlinks={"vmlinuz-9.9.9-1-amd64": "/etc/passwd"},
     )
     build_fails(capsys, disk, tmp_path, "points outside the /boot filesystem")
+
+
+def test_fstab_symlink_outside_the_guest(
+    guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    disk = tmp_path / "evil3.raw"
+    whole_disk(
+        disk,
+        tree=guest_tree_dir,
+        boot="partition",
+        root="partition",
+        fstab=False,
+        root_symlinks={"etc/fstab": "../../../../../../../etc/shadow"},
+    )
+    build_fails(capsys, disk, tmp_path, "symlink points outside the guest filesystem")
+
+
+def test_dangling_fstab_symlink_is_replaced(
+    guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    disk = tmp_path / "dangling.raw"
+    whole_disk(
+        disk,
+        tree=guest_tree_dir,
+        boot="partition",
+        root="partition",
+        fstab=False,
+        root_symlinks={"etc/fstab": "/run/fstab.generated"},
+    )
+    assert main(["build", str(disk), "-o", str(tmp_path / "out")]) == 0
+    ls = run(["debugfs", "-R", "ls -p /etc", str(tmp_path / "out/rootfs.img")]).stdout.decode()
+    assert "/100644/0/0/fstab/" in ls  # a regular file now, not a symlink written through
 
 
 def test_qcow2_with_backing_file(
@@ -256,7 +289,7 @@ def test_xfs_root_refused_by_native_backend_and_label_too_long(
     guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     disk = tmp_path / "xfs.raw"
-    make_whole_disk(disk, tree=guest_tree_dir, boot="partition", root="partition", fstype="xfs")
+    whole_disk(disk, tree=guest_tree_dir, boot="partition", root="partition", fstype="xfs")
     msg = build_fails(capsys, disk, tmp_path, "native backend changes only ext2/3/4", "--backend", "native")
     assert "xfs" in msg
     capsys.readouterr()

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.images import whole_disk
 from vmtool.cli.main import main
 from vmtool.image.fs import probe
 from vmtool.images.default import newest_host_kernel
-from vmtool.images.disk import make_whole_disk
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ def test_xfs_root_on_lvm_through_guestfs(
     guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     disk = tmp_path / "xfs.qcow2"
-    facts = make_whole_disk(
+    facts = whole_disk(
         disk,
         tree=guest_tree_dir,
         table="gpt",

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.images import whole_disk
 from vmtool.cli.main import main
 from vmtool.images.default import newest_host_kernel
-from vmtool.images.disk import make_whole_disk
 from vmtool.run import run
 
 pytestmark = pytest.mark.integration
@@ -142,7 +142,7 @@ LAYOUTS = [
 def test_build_layouts(
     layout: dict[str, Any], guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    facts = make_whole_disk(tmp_path / "disk.raw", tree=guest_tree_dir, **layout)
+    facts = whole_disk(tmp_path / "disk.raw", tree=guest_tree_dir, **layout)
     m = build(capsys, str(tmp_path / "disk.raw"), "-o", str(tmp_path / "out"))
     check_ext_output(tmp_path / "out", m, facts, tree=guest_tree_dir)
     want_root = (
@@ -155,7 +155,7 @@ def test_build_layouts(
 def test_qcow2_source_rootfs_qcow2_and_ssh_keys(
     guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    facts = make_whole_disk(
+    facts = whole_disk(
         tmp_path / "disk.qcow2", tree=guest_tree_dir, table="gpt", boot="partition", root="lvm", fmt="qcow2"
     )
     k1 = tmp_path / "a.pub"
@@ -210,7 +210,7 @@ def test_kernel_symlinks_resolved_inside_the_guest(
     guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """/boot/vmlinuz-7.0.0-1-amd64 -> vmlinuz-6.1.0-9-amd64 (relative, inside /boot): followed in the guest."""
-    make_whole_disk(
+    whole_disk(
         tmp_path / "disk.raw",
         tree=guest_tree_dir,
         boot="partition",
@@ -229,7 +229,7 @@ def test_kernel_symlinks_resolved_inside_the_guest(
 def test_missing_fstab_is_created(
     guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    make_whole_disk(tmp_path / "disk.raw", tree=guest_tree_dir, boot="dir", root="partition", fstab=False)
+    whole_disk(tmp_path / "disk.raw", tree=guest_tree_dir, boot="dir", root="partition", fstab=False)
     m = build(capsys, str(tmp_path / "disk.raw"), "-o", str(tmp_path / "out"))
     assert m["fstab"]["before"] is None
     text = debugfs_cat(tmp_path / "out/rootfs.img", "/etc/fstab").decode()

@@ -20,13 +20,11 @@ def test_agent_files_written_into_the_rootfs(
     from vmtool.queue.agent import AGENT_VERSION, agent_files
 
     capsys.readouterr()
-    assert (
-        main(["build", str(default_disk), "-o", str(tmp_path / "out"), "--agent", "direct", "--json"]) == 0
-    )
+    assert main(["build", str(default_disk), "-o", str(tmp_path / "out"), "--agent", "relay", "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
-    assert m["agent"] == {"mode": "direct", "version": AGENT_VERSION}
+    assert m["agent"] == {"mode": "relay", "version": AGENT_VERSION}
     rootfs = tmp_path / "out/rootfs.img"
-    for path, (content, mode) in agent_files("direct").items():
+    for path, (content, mode) in agent_files("relay").items():
         assert run(["debugfs", "-R", f"cat {path}", str(rootfs)]).stdout == content
         parent, name = os.path.split(path)
         ls = run(["debugfs", "-R", f"ls -p {parent}", str(rootfs)]).stdout.decode()

@@ -22,6 +22,7 @@ MAKERS = {
     "xfs": ["mkfs.xfs", "-q", "-f", "-L", "lab-xfs"],
     "swap": ["mkswap", "-L", "lab-swap"],
     "vfat": ["mkfs.vfat", "-n", "LABVFAT"],
+    "btrfs": ["mkfs.btrfs", "-q", "-f", "-L", "lab-btrfs"],
 }
 
 
@@ -32,7 +33,7 @@ def test_probe_agrees_with_blkid(fstype: str, tmp_path: Path) -> None:
         pytest.skip(f"{argv[0]} is not installed")
     img = tmp_path / "fs.img"
     with open(img, "wb") as f:
-        f.truncate((320 if fstype == "xfs" else 64) * MiB)
+        f.truncate({"xfs": 320, "btrfs": 160}.get(fstype, 64) * MiB)
     run([*argv, str(img)], env={"TEST_DIR": "1", "TEST_DEV": "1", "QA_CHECK_FS": "1"})
     out = run(["blkid", "-p", "-o", "export", str(img)]).stdout.decode()
     want = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)

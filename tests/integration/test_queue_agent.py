@@ -20,7 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.beanstalk import BeanstalkServer
 from vmtool.queue.agent import AGENT_VERSION, agent_files, agent_script
+from vmtool.queue.beanstalk import Beanstalk
+from vmtool.queue.client import collect_results, put_items, tube_stats
 from vmtool.queue.items import Item, job_script
 from vmtool.queue.relay import Relay, RelayError
 from vmtool.run import DEVNULL, PIPE, Popen, spawn
@@ -34,11 +37,40 @@ class AgentOnPty:
     def __init__(self, tmp: Path, grace: int = 120) -> None:
         bindir = tmp / "bin"
         bindir.mkdir()
-        for applet in ("sh", "cat", "cut", "rm", "mkdir", "base64", "tail", "head", "timeout", "awk", "sleep",
-                       "sync", "echo", "printf", "wc", "ls", "true", "false", "tr", "sed", "kill"):
+        for applet in (
+            "sh",
+            "cat",
+            "cut",
+            "rm",
+            "mkdir",
+            "base64",
+            "tail",
+            "head",
+            "timeout",
+            "awk",
+            "sleep",
+            "sync",
+            "echo",
+            "printf",
+            "wc",
+            "ls",
+            "true",
+            "false",
+            "tr",
+            "sed",
+            "kill",
+            "nc",
+            "mkfifo",
+            "od",
+            "touch",
+            "cp",
+        ):
             (bindir / applet).symlink_to(BUSYBOX)
         script = tmp / "agent.sh"
         script.write_text(agent_script("relay"))
+        for path, (content, _mode) in agent_files("direct").items():
+            if path.endswith(".awk"):
+                (tmp / "agent-item.awk").write_bytes(content)
         master, slave = pty.openpty()
         tty.setraw(slave)
         attrs = termios.tcgetattr(slave)
@@ -49,9 +81,18 @@ class AgentOnPty:
         self.slave = slave
         self.proc: Popen[bytes] = spawn(
             [BUSYBOX, "sh", os.fspath(script)],
-            env={"PATH": os.fspath(bindir), "VMTOOL_AGENT_DEV": self.slave_name,
-                 "VMTOOL_AGENT_GRACE": str(grace), "TMPDIR": os.fspath(tmp)},
-            stdin=DEVNULL, stdout=DEVNULL, stderr=PIPE, new_session=True,
+            env={
+                "PATH": os.fspath(bindir),
+                "VMTOOL_AGENT_DEV": self.slave_name,
+                "VMTOOL_AGENT_ITEM_AWK": os.fspath(tmp / "agent-item.awk"),
+                "VMTOOL_AGENT_NET": "skip",  # never touch the host's network
+                "VMTOOL_AGENT_GRACE": str(grace),
+                "TMPDIR": os.fspath(tmp),
+            },
+            stdin=DEVNULL,
+            stdout=DEVNULL,
+            stderr=PIPE,
+            new_session=True,
         )
         self.host_sock, peer = socket.socketpair()
         self.peer = peer
@@ -103,7 +144,12 @@ def agent(tmp_path: Path) -> Iterator[AgentOnPty]:
 
 def test_agent_files_layout() -> None:
     files = agent_files("relay")
-    assert set(files) == {"/usr/lib/vmtool/agent.sh", "/etc/vmtool/rc.d/50-vmtool-agent", "/etc/vmtool/agent.conf"}
+    assert set(files) == {
+        "/usr/lib/vmtool/agent.sh",
+        "/usr/lib/vmtool/agent-item.awk",
+        "/etc/vmtool/rc.d/50-vmtool-agent",
+        "/etc/vmtool/agent.conf",
+    }
     assert files["/usr/lib/vmtool/agent.sh"][1] == 0o755
     assert b"@VERSION@" not in files["/usr/lib/vmtool/agent.sh"][0]
     assert f"VMTOOL_AGENT_VERSION={AGENT_VERSION}".encode() in files["/etc/vmtool/agent.conf"][0]
@@ -111,8 +157,9 @@ def test_agent_files_layout() -> None:
 
     with pytest.raises(QueueError, match="unknown agent mode"):
         agent_files("carrier-pigeon")
-    with pytest.raises(QueueError, match="direct-mode guest agent is not available"):
-        agent_files("direct")
+    direct = agent_files("direct")
+    assert b"VMTOOL_AGENT_MODE=direct" in direct["/etc/vmtool/agent.conf"][0]
+    assert b"function value(" in direct["/usr/lib/vmtool/agent-item.awk"][0]
 
 
 def test_agent_serves_items_until_stop(agent: AgentOnPty) -> None:
@@ -122,7 +169,10 @@ def test_agent_serves_items_until_stop(agent: AgentOnPty) -> None:
     assert relay.agent_version == AGENT_VERSION
 
     # Inputs in, stdout/stderr tails and output files back, the exit code kept.
-    it = Item("i1", ["sh", "-c", "cat data.bin | wc -c; echo oops >&2; cp data.bin $VMTOOL_OUTDIR/copy.bin; exit 7"])
+    it = Item(
+        "i1",
+        ["sh", "-c", "cat data.bin | wc -c; echo oops >&2; cp data.bin $VMTOOL_OUTDIR/copy.bin; exit 7"],
+    )
     payload = bytes(range(256)) * 4
     g = relay.run(1, job_script(it, {"data.bin": payload}), timeout_s=20, max_output=4096)
     assert (g.exit, g.stdout.strip(), g.stderr) == (7, b"1024", b"oops\n")
@@ -215,3 +265,57 @@ def test_relay_gives_up_on_a_silent_guest() -> None:
         assert time.monotonic() - t0 < 5
     finally:
         h.close()
+
+
+@pytest.mark.queue
+def test_direct_mode_agent_speaks_beanstalkd_itself(agent: AgentOnPty, beanstalkd: BeanstalkServer) -> None:
+    """Direct mode: the agent reserves, runs, puts results and buries bad items with busybox nc."""
+    with Beanstalk(beanstalkd.address) as bs:
+        put_items(
+            bs,
+            "d",
+            [
+                Item(
+                    "d1",
+                    [
+                        "sh",
+                        "-c",
+                        "printf '%s\\n' \"$1\"; echo oops >&2; cp in.txt $VMTOOL_OUTDIR/out.txt; exit 2",
+                        "x",
+                        'quote" back\\slash\ttab',
+                    ],
+                    {"in.txt": {"data": "aGkK"}},
+                ),
+                Item("d2", ["sh", "-c", "printf no-newline"]),
+                Item(
+                    "d3",
+                    [
+                        "sh",
+                        "-c",
+                        "for i in 1 2 3 4 5 6; do head -c 16000 /dev/urandom > $VMTOOL_OUTDIR/f$i; done",
+                    ],
+                    max_output=16384,
+                ),
+            ],
+            ttr=30,
+        )
+        bs.put(b'{"v":1,"id":"bad","cmd":"not a list"}', tube="d")
+    agent.host_sock.settimeout(1.0)
+    relay = Relay(agent.host_sock, name="pty")
+    relay.wait_hello(timeout=20)
+    relay.send(f"DIRECT 127.0.0.1 {beanstalkd.port} d 1 2 vm-direct\n")
+    assert agent.proc.wait(60) == 0  # the queue went idle: the agent stops (the image powers off)
+    with Beanstalk(beanstalkd.address, watch="d.results") as rb:
+        got = collect_results(rb, want=3, timeout=5)
+    assert got.invalid == 0
+    r1, r2 = got.results["d1"], got.results["d2"]
+    assert (r1["status"], r1["exit"], r1["vm"]) == ("failed", 2, "vm-direct")
+    assert r1["stdout"] == 'quote" back\\slash\ttab\n' and r1["stderr"] == "oops\n"
+    assert r1["outputs"] == {"out.txt": "aGkK"}
+    assert (r2["status"], r2["stdout"]) == ("ok", "no-newline")
+    # Outputs too big for one beanstalkd job: the result comes back without them, marked truncated.
+    assert got.results["d3"]["truncated"] is True and got.results["d3"]["outputs"] == {}
+    with Beanstalk(beanstalkd.address) as bs:
+        st = tube_stats(bs, "d")
+    assert st["tubes"]["d"]["buried"] == 1 and st["tubes"]["d"]["ready"] == 0
+    assert "no cmd" in st["buried"][0]["reason"]

@@ -22,16 +22,38 @@ def _json(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 0) ->
     return json.loads(out) if code == 0 else {"stderr": err}
 
 
-def test_put_file_and_single_command(beanstalkd: BeanstalkServer, tmp_path: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_put_file_and_single_command(
+    beanstalkd: BeanstalkServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     f = tmp_path / "items.jsonl"
     f.write_text('{"id": "a", "cmd": ["echo", "a"]}\n{"cmd": ["true"], "limits": {"timeout_s": 5}}\n')
-    d = _json(capsys, ["queue", "put", "--server", beanstalkd.server, "--tube", "t1", "--file", str(f), "--json"])
+    d = _json(
+        capsys, ["queue", "put", "--server", beanstalkd.server, "--tube", "t1", "--file", str(f), "--json"]
+    )
     assert [x["id"] for x in d["items"]][0] == "a" and len(d["items"]) == 2
     inp = tmp_path / "in.txt"
     inp.write_bytes(b"hello")
-    d2 = _json(capsys, ["queue", "put", "--server", beanstalkd.server, "--tube", "t1", "--id", "c",
-                        "--input", f"in.txt={inp}", "--ttr", "30", "--json", "--", "cat", "in.txt"])
+    d2 = _json(
+        capsys,
+        [
+            "queue",
+            "put",
+            "--server",
+            beanstalkd.server,
+            "--tube",
+            "t1",
+            "--id",
+            "c",
+            "--input",
+            f"in.txt={inp}",
+            "--ttr",
+            "30",
+            "--json",
+            "--",
+            "cat",
+            "in.txt",
+        ],
+    )
     assert d2["items"] == [{"id": "c", "job": d2["items"][0]["job"]}]
     with Beanstalk(beanstalkd.address, watch="t1") as bs:
         bodies = [json.loads(bs.reserve(0).body) for _ in range(3)]  # type: ignore[union-attr]
@@ -42,21 +64,30 @@ def test_put_file_and_single_command(beanstalkd: BeanstalkServer, tmp_path: Path
     assert st is not None and st["current-jobs-reserved"] == 3
 
 
-def test_put_refuses_bad_input_and_puts_nothing(beanstalkd: BeanstalkServer, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_put_refuses_bad_input_and_puts_nothing(
+    beanstalkd: BeanstalkServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     f = tmp_path / "items.jsonl"
     f.write_text('{"cmd": ["true"]}\n{"cmd": "not a list"}\n')
-    r = _json(capsys, ["queue", "put", "--server", beanstalkd.server, "--tube", "t2", "--file", str(f)], code=1)
+    r = _json(
+        capsys, ["queue", "put", "--server", beanstalkd.server, "--tube", "t2", "--file", str(f)], code=1
+    )
     assert "items.jsonl:2" in r["stderr"] and "Traceback" not in r["stderr"]
     big = tmp_path / "big"
     big.write_bytes(b"x" * MAX_ITEM_BYTES)
-    r = _json(capsys, ["queue", "put", "--server", beanstalkd.server, "--tube", "t2", "--input", f"b={big}",
-                       "--", "true"], code=1)
+    r = _json(
+        capsys,
+        ["queue", "put", "--server", beanstalkd.server, "--tube", "t2", "--input", f"b={big}", "--", "true"],
+        code=1,
+    )
     assert "more than" in r["stderr"] and "hint: pass large inputs by URL" in r["stderr"]
     with Beanstalk(beanstalkd.address) as bs:
         assert bs.stats_tube("t2") is None  # nothing was put
-    r = _json(capsys, ["queue", "put", "--server", f"127.0.0.1:{free_port()}", "--tube", "t2", "--", "true"],
-              code=1)
+    r = _json(
+        capsys,
+        ["queue", "put", "--server", f"127.0.0.1:{free_port()}", "--tube", "t2", "--", "true"],
+        code=1,
+    )
     assert "cannot connect to beanstalkd" in r["stderr"]
     r = _json(capsys, ["queue", "put", "--server", beanstalkd.server, "--tube", "a b", "--", "true"], code=1)
     assert "bad tube name" in r["stderr"]
@@ -64,22 +95,32 @@ def test_put_refuses_bad_input_and_puts_nothing(beanstalkd: BeanstalkServer, tmp
     assert "either --file" in capsys.readouterr().err
 
 
-def test_results_dedup_wait_and_keep(beanstalkd: BeanstalkServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_results_dedup_wait_and_keep(
+    beanstalkd: BeanstalkServer, capsys: pytest.CaptureFixture[str]
+) -> None:
     with Beanstalk(beanstalkd.address) as bs:
         for rid, out in (("x", "first"), ("y", "y"), ("x", "retry duplicate")):
             bs.put(Result(rid, "ok", 0, stdout=out, vm="vm0").encode(), tube="t3.results")
         bs.put(b"garbage", tube="t3.results")
-    d = _json(capsys, ["queue", "results", "--server", beanstalkd.server, "--tube", "t3", "--keep", "--json"])
+    d = _json(
+        capsys, ["queue", "results", "--server", beanstalkd.server, "--tube", "t3", "--keep", "--json"]
+    )
     assert sorted(r["id"] for r in d["results"]) == ["x", "y"] and d["duplicates_dropped"] == 1
     assert d["invalid"] == 1  # buried, not crashed on
-    d = _json(capsys, ["queue", "results", "--server", beanstalkd.server, "--tube", "t3", "--wait", "1", "--json"])
+    d = _json(
+        capsys, ["queue", "results", "--server", beanstalkd.server, "--tube", "t3", "--wait", "1", "--json"]
+    )
     assert [(r["id"], r["stdout"]) for r in d["results"]] == [("x", "first")]
     # The duplicate of x was swept away with it; y is left for the next reader.
     assert d["duplicates_dropped"] == 1
-    d = _json(capsys, ["queue", "results", "--server", beanstalkd.server, "--tube", "t3", "--wait", "1", "--json"])
+    d = _json(
+        capsys, ["queue", "results", "--server", beanstalkd.server, "--tube", "t3", "--wait", "1", "--json"]
+    )
     assert [(r["id"], r["stdout"]) for r in d["results"]] == [("y", "y")]
     # Consumed now; waiting for more than there are ends with a clear message.
-    rc = main(["queue", "results", "--server", beanstalkd.server, "--tube", "t3", "--wait", "1", "--timeout", "1"])
+    rc = main(
+        ["queue", "results", "--server", beanstalkd.server, "--tube", "t3", "--wait", "1", "--timeout", "1"]
+    )
     assert rc == 1 and "only 0 of 1 results" in capsys.readouterr().err
     assert main(["queue", "results", "--server", beanstalkd.server, "--tube", "t3"]) == 0
     assert "no results" in capsys.readouterr().out
@@ -89,8 +130,10 @@ def test_stats_shows_buried_reasons(beanstalkd: BeanstalkServer, capsys: pytest.
     with Beanstalk(beanstalkd.address, watch="t4") as bs:
         jid = bs.put(b'{"v":1,"id":"p","cmd":["x"]}', tube="t4")
         assert bs.reserve(0) is not None
-        bs.put(json.dumps({"job": jid, "item_id": "p", "reason": "failed 3 times", "attempts": 3}).encode(),
-               tube="t4.buried-reasons")
+        bs.put(
+            json.dumps({"job": jid, "item_id": "p", "reason": "failed 3 times", "attempts": 3}).encode(),
+            tube="t4.buried-reasons",
+        )
         bs.bury(jid)
     d = _json(capsys, ["queue", "stats", "--server", beanstalkd.server, "--tube", "t4", "--json"])
     assert d["tubes"]["t4"]["buried"] == 1
@@ -101,15 +144,18 @@ def test_stats_shows_buried_reasons(beanstalkd: BeanstalkServer, capsys: pytest.
     assert rc == 0 and "buried job" in out and "failed 3 times" in out
 
 
-def test_work_refuses_images_without_an_agent(beanstalkd: BeanstalkServer, default_build: Path, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_work_refuses_images_without_an_agent(
+    beanstalkd: BeanstalkServer, default_build: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     base = ["queue", "work", "--server", beanstalkd.server, "--tube", "w"]
     assert main([*base, "--image", str(tmp_path / "nope.json")]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert main([*base, "--image", str(default_build / "manifest.json")]) == 1
     err = capsys.readouterr().err
     assert "has no vmtool guest agent" in err and "--agent relay" in err
-    assert main([*base, "--image", str(default_build / "rootfs.img")]) == 1  # an overlay: manifest found beside
+    assert (
+        main([*base, "--image", str(default_build / "rootfs.img")]) == 1
+    )  # an overlay: manifest found beside
     assert "has no vmtool guest agent" in capsys.readouterr().err
     assert main(["queue"]) == 2
     assert "put" in capsys.readouterr().err

@@ -41,8 +41,9 @@ class SSHD:
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nAllowTcpForwarding yes\n"
             f"PidFile {d / 'sshd.pid'}\nStrictModes no\nLogLevel ERROR\n"
         )
-        self.proc: Popen[bytes] = spawn(["/usr/sbin/sshd", "-D", "-e", "-f", os.fspath(d / "sshd_config")],
-                                        stdout=DEVNULL, stderr=PIPE)
+        self.proc: Popen[bytes] = spawn(
+            ["/usr/sbin/sshd", "-D", "-e", "-f", os.fspath(d / "sshd_config")], stdout=DEVNULL, stderr=PIPE
+        )
         end = time.monotonic() + 10
         while True:
             try:
@@ -79,8 +80,16 @@ def sshd(tmp_path: Path) -> Iterator[SSHD]:
 def test_put_results_stats_through_an_ssh_tunnel(
     beanstalkd: BeanstalkServer, sshd: SSHD, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    via = ["--via", sshd.via, "--known-hosts", os.fspath(sshd.known_hosts), "--identity",
-           os.fspath(sshd.dir / "user_key"), "--server", beanstalkd.server]
+    via = [
+        "--via",
+        sshd.via,
+        "--known-hosts",
+        os.fspath(sshd.known_hosts),
+        "--identity",
+        os.fspath(sshd.dir / "user_key"),
+        "--server",
+        beanstalkd.server,
+    ]
     assert main(["queue", "put", *via, "--tube", "tun", "--id", "t1", "--json", "--", "echo", "hi"]) == 0
     assert json.loads(capsys.readouterr().out)["items"][0]["id"] == "t1"
     with Beanstalk(beanstalkd.address, watch="tun") as bs:
@@ -97,8 +106,19 @@ def test_put_results_stats_through_an_ssh_tunnel(
 def test_tunnel_refuses_unknown_and_changed_host_keys(
     beanstalkd: BeanstalkServer, sshd: SSHD, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    base = ["queue", "put", "--via", sshd.via, "--identity", os.fspath(sshd.dir / "user_key"),
-            "--server", beanstalkd.server, "--tube", "tun", "--known-hosts"]
+    base = [
+        "queue",
+        "put",
+        "--via",
+        sshd.via,
+        "--identity",
+        os.fspath(sshd.dir / "user_key"),
+        "--server",
+        beanstalkd.server,
+        "--tube",
+        "tun",
+        "--known-hosts",
+    ]
     empty = tmp_path / "empty_known_hosts"
     empty.write_text("")
     assert main([*base, os.fspath(empty), "--", "true"]) == 1
@@ -107,7 +127,9 @@ def test_tunnel_refuses_unknown_and_changed_host_keys(
     other = tmp_path / "other"
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.fspath(other)])
     wrong = tmp_path / "wrong_known_hosts"
-    wrong.write_text(f"[127.0.0.1]:{sshd.port} " + " ".join(other.with_suffix(".pub").read_text().split()[:2]) + "\n")
+    wrong.write_text(
+        f"[127.0.0.1]:{sshd.port} " + " ".join(other.with_suffix(".pub").read_text().split()[:2]) + "\n"
+    )
     assert main([*base, os.fspath(wrong), "--", "true"]) == 1
     assert "does not match known_hosts" in capsys.readouterr().err
     with Beanstalk(beanstalkd.address) as bs:
@@ -125,7 +147,12 @@ def test_deferred_delete_and_reconnect_after_restart(beanstalkd: BeanstalkServer
         assert bs.job_counts(j2.id) == {"reserves": 1, "releases": 0, "timeouts": 0, "ttr": 30}
         bs.release(j2.id)
         j2 = bs.reserve(0)
-        assert j2 is not None and bs.job_counts(j2.id) == {"reserves": 2, "releases": 1, "timeouts": 0, "ttr": 30}
+        assert j2 is not None and bs.job_counts(j2.id) == {
+            "reserves": 2,
+            "releases": 1,
+            "timeouts": 0,
+            "ttr": 30,
+        }
         bs.defer_delete(j2.id)
         beanstalkd.restart()  # kill -9; the binlog brings j2 (was reserved) and j3 back as ready
         with pytest.raises(QueueError, match="lost connection"):

@@ -1,5 +1,5 @@
 """`vmtool launch` with real parts: our own libvirtd, a busybox guest booting the host's kernel under
-TCG (KVM where it works), and a fake HTCondor slot cgroup. Three boots in all, assertions combined:
+TCG (KVM where it works), and a fake HTCondor slot cgroup. Few boots, assertions combined:
 
 - A: the CLI in a child process placed in the slot, booting the build issue's `default_build`: the
   guest writes a console line and powers off;
@@ -7,6 +7,8 @@ TCG (KVM where it works), and a fake HTCondor slot cgroup. Three boots in all, a
 - B: the API with a virtio-serial channel and a guest that hogs memory: the channel carries a line,
   then qemu is killed by the slot's limit and it is reported as a memory kill; host and daemon fine.
 - C: the CLI signalled with SIGTERM during boot: exit 143, nothing left.
+- D: the CLI killed with SIGKILL: libvirt destroys the VM (AUTODESTROY).
+- E: two short boots: --timeout (exit 124) and qemu dying of a signal (crashed, exit 4).
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ HOG = {
                   "echo \"vmtool-test: channel $dev\"\n"
                   "echo vmtool-channel-ok > $dev\n",
     "20-hog": "#!/bin/sh\n"
-              "mkdir -p /mnt/hog && mount -t tmpfs -o size=700m tmpfs /mnt/hog\n"
+              "mkdir -p /mnt/hog && mount -t tmpfs -o size=950m tmpfs /mnt/hog\n"
               "echo 'vmtool-test: hogging'\n"
-              "dd if=/dev/zero of=/mnt/hog/fill bs=1M count=650 2>/dev/null\n"
+              "dd if=/dev/zero of=/mnt/hog/fill bs=1M count=900 2>/dev/null\n"
               "echo 'vmtool-test: survived the hog'\n",
 }
 
@@ -123,8 +125,9 @@ def test_b_channel_then_memory_kill(libvirt_uri: str, guests: dict[str, tuple[Pa
     manifest, img = guests["hog"]
     ovl = overlay(img, tmp_path / "hog.qcow2")
     sock = tmp_path / "relay0.sock"
-    spec = LaunchSpec(manifest=manifest, disks=(ovl,), sandbox=tmp_path, uri=libvirt_uri, memory_mib=768,
-                      memory_limit_mib=400, cgroup_parent=fake_slot.rel, channels=((CHANNEL, sock),), timeout=240)
+    # A 1 GiB guest in a 640 MiB cgroup (booting takes ~500 MiB under TCG): the hog's pages cross the limit.
+    spec = LaunchSpec(manifest=manifest, disks=(ovl,), sandbox=tmp_path, uri=libvirt_uri, memory_mib=1024,
+                      memory_limit_mib=640, cgroup_parent=fake_slot.rel, channels=((CHANNEL, sock),), timeout=240)
     with start(spec) as vm:
         assert vm.cgroup is not None and vm.pid > 0
         assert f":memory:{fake_slot.rel}/{vm.name}\n" in Path(f"/proc/{vm.pid}/cgroup").read_text()
@@ -140,9 +143,9 @@ def test_b_channel_then_memory_kill(libvirt_uri: str, guests: dict[str, tuple[Pa
         assert got == b"vmtool-channel-ok\n"
         reason = vm.wait(240)
         assert reason is ExitReason.MEMORY, vm.detail
-        assert "memory limit of 400 MiB" in vm.detail
+        assert "memory limit of 640 MiB" in vm.detail
         st = vm.stats()
-        assert st.oom_kills >= 1 and st.peak_memory_bytes is not None and st.peak_memory_bytes <= 400 << 20
+        assert st.oom_kills >= 1 and st.peak_memory_bytes is not None and st.peak_memory_bytes <= 640 << 20
         name = vm.name
     console = vm.console_log.read_text(errors="replace")
     assert "vmtool-test: hogging" in console and "survived the hog" not in console
@@ -191,3 +194,28 @@ def test_d_sigkill_libvirt_destroys_the_vm(libvirt_uri: str, guests: dict[str, t
     while Path(f"/proc/{pid}").exists() and time.monotonic() < end:
         time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists()
+
+
+def test_e_timeout_and_qemu_crash(libvirt_uri: str, guests: dict[str, tuple[Path, Path]], fake_slot: FakeSlot,
+                                  tmp_path: Path) -> None:
+    """Two short boots: the timeout passes (exit 124), and qemu dies of a signal (exit 4, 'crashed')."""
+    manifest, img = guests["hello"]
+    report = tmp_path / "timeout.json"
+    rc = run([sys.executable, "-m", "vmtool", "launch", "--manifest", str(manifest), "--disk",
+              str(overlay(img, tmp_path / "e1.qcow2")), "--sandbox", str(tmp_path), "--uri", libvirt_uri,
+              "--timeout", "3", "--grace", "1", "--cgroup-parent", fake_slot.rel, "--report", str(report)],
+             check=False).returncode
+    data = json.loads(report.read_text())
+    assert rc == 124 and data["exit_reason"] == "timeout" and data["exit_code"] == 124
+    assert 3.0 <= data["wall_seconds"] < 30 and fake_slot.children() == []
+    assert data["name"] not in _domains(libvirt_uri)
+
+    spec = LaunchSpec(manifest=manifest, disks=(overlay(img, tmp_path / "e2.qcow2"),), sandbox=tmp_path,
+                      uri=libvirt_uri, cgroup_parent=fake_slot.rel, timeout=120)
+    with start(spec) as vm:
+        time.sleep(1.0)
+        os.kill(vm.pid, signal.SIGSEGV)
+        assert vm.wait(60) is ExitReason.CRASHED and ExitReason.CRASHED.exit_code == 4
+        assert "crashed" in vm.detail or "killed" in vm.detail
+        name = vm.name
+    assert name not in _domains(libvirt_uri) and fake_slot.children() == []

@@ -39,7 +39,10 @@ def _tube_counts(bs: Beanstalk, tube: str) -> dict[str, int]:
 
 
 def test_worker_survives_vm_deaths_poison_and_a_beanstalkd_restart(
-    beanstalkd: BeanstalkServer, agent_build: Path, libvirt_uri: str, tmp_path: Path,
+    beanstalkd: BeanstalkServer,
+    agent_build: Path,
+    libvirt_uri: str,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     tube = "rel"
@@ -55,12 +58,16 @@ def test_worker_survives_vm_deaths_poison_and_a_beanstalkd_restart(
         Item("url-ok", ["cat", "data.txt"], {"data.txt": {"url": f"{base}/data.txt"}}),
         Item("url-bad", ["cat", "data.txt"], {"data.txt": {"url": f"{base}/missing.txt"}}),
         Item("slow", ["sh", "-c", "sleep 6; echo slow done"]),
-        Item("n1", ["sh", "-c", "tr a-z A-Z < in.txt > $VMTOOL_OUTDIR/up.txt; cat in.txt"],
-             {"in.txt": {"data": "aGVsbG8K"}}),
+        Item(
+            "n1",
+            ["sh", "-c", "tr a-z A-Z < in.txt > $VMTOOL_OUTDIR/up.txt; cat in.txt"],
+            {"in.txt": {"data": "aGVsbG8K"}},
+        ),
         Item("n2", ["uname", "-r"]),
         Item("victim", ["sh", "-c", "sleep 25; echo survived"]),
         Item("n3", ["sh", "-c", "echo err >&2; exit 3"]),
         Item("n4", ["true"]),
+        Item("late", ["sleep", "60"], timeout_s=2),
         Item("poison", ["poweroff", "-f"]),
     ]
     with Beanstalk(beanstalkd.address) as bs:
@@ -95,8 +102,9 @@ def test_worker_survives_vm_deaths_poison_and_a_beanstalkd_restart(
             later(kill)
 
     workdir = tmp_path / "work"
-    factory = VMFactory(resolve_image(agent_build), workdir, memory_mib=MEMORY_MIB, uri=libvirt_uri,
-                        name_prefix=prefix)
+    factory = VMFactory(
+        resolve_image(agent_build), workdir, memory_mib=MEMORY_MIB, uri=libvirt_uri, name_prefix=prefix
+    )
     opts = WorkerOptions(beanstalkd.address, tube, vms=2, idle_timeout=10, max_attempts=2)
     worker = Worker(opts, factory, on_event=on_event)
     try:
@@ -109,9 +117,10 @@ def test_worker_survives_vm_deaths_poison_and_a_beanstalkd_restart(
 
     # Exactly one result per valid item (duplicates from retries dropped by id).
     with Beanstalk(beanstalkd.address, watch=results_tube(tube)) as bs:
-        got = collect_results(bs, want=8, timeout=5)
+        got = collect_results(bs, want=9, timeout=5)
     res = got.results
-    assert sorted(res) == ["n1", "n2", "n3", "n4", "slow", "url-bad", "url-ok", "victim"], events
+    assert sorted(res) == ["late", "n1", "n2", "n3", "n4", "slow", "url-bad", "url-ok", "victim"], events
+    assert res["late"]["status"] == "timeout" and res["late"]["duration_s"] < 30
     # URL inputs are fetched on the host (the guest has no network); a failed fetch is an error result.
     assert res["url-ok"]["stdout"] == "fetched by the worker on the host\n"
     assert res["url-bad"]["status"] == "error" and "404" in res["url-bad"]["error"]
@@ -143,10 +152,32 @@ def test_worker_survives_vm_deaths_poison_and_a_beanstalkd_restart(
 def _spawn_worker(server: str, tube: str, image: Path, workdir: Path, uri: str, *extra: str) -> Popen[bytes]:
     workdir.mkdir(parents=True, exist_ok=True)
     return spawn(
-        [sys.executable, "-m", "vmtool", "queue", "work", "--server", server, "--tube", tube, "--image",
-         os.fspath(image), "--vms", "1", "--memory", str(MEMORY_MIB), "--workdir", os.fspath(workdir),
-         "--uri", uri, "--json", *extra],
-        stdout=PIPE, stderr=PIPE, new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "vmtool",
+            "queue",
+            "work",
+            "--server",
+            server,
+            "--tube",
+            tube,
+            "--image",
+            os.fspath(image),
+            "--vms",
+            "1",
+            "--memory",
+            str(MEMORY_MIB),
+            "--workdir",
+            os.fspath(workdir),
+            "--uri",
+            uri,
+            "--json",
+            *extra,
+        ],
+        stdout=PIPE,
+        stderr=PIPE,
+        new_session=True,
     )
 
 
@@ -217,8 +248,17 @@ def test_worker_sigterm_releases_and_sigkill_requeues(
                 p.rmdir()
 
         # Another worker completes it: exactly one result, the lost reservation counted as an attempt.
-        w3 = _spawn_worker(beanstalkd.server, tube, agent_build, tmp_path / "w3", libvirt_uri,
-                           "--max-items", "1", "--idle-timeout", "1")
+        w3 = _spawn_worker(
+            beanstalkd.server,
+            tube,
+            agent_build,
+            tmp_path / "w3",
+            libvirt_uri,
+            "--max-items",
+            "1",
+            "--idle-timeout",
+            "1",
+        )
         try:
             out, err = w3.communicate(timeout=300)
         finally:
@@ -232,3 +272,54 @@ def test_worker_sigterm_releases_and_sigkill_requeues(
     assert list(got.results) == ["job"] and got.duplicates == 0
     r = got.results["job"]
     assert r["status"] == "ok" and r["stdout"] == "finished\n" and r["attempt"] == 2
+
+
+def test_direct_mode_guest_talks_to_beanstalkd(
+    beanstalkd: BeanstalkServer,
+    libvirt_uri: str,
+    tmp_path: Path,
+    default_disk: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The seed's way: the guest agent reserves from beanstalkd itself over user-mode networking."""
+    out = tmp_path / "direct-build"
+    assert main(["build", os.fspath(default_disk), "-o", os.fspath(out), "--agent", "direct"]) == 0
+    capsys.readouterr()
+    tube = "dir"
+    with Beanstalk(beanstalkd.address) as bs:
+        put_items(
+            bs,
+            tube,
+            [
+                Item("a", ["uname", "-r"]),
+                Item("b", ["sh", "-c", "cat x; echo e >&2; exit 4"], {"x": {"data": "eHl6"}}),
+            ],
+            ttr=20,
+        )
+        bs.put(b'{"v":1,"id":"m","cmd":[]}', tube=tube)
+    prefix = f"vmtool-qd{os.getpid()}-"
+    factory = VMFactory(
+        resolve_image(out / "manifest.json"),
+        tmp_path / "work",
+        memory_mib=MEMORY_MIB,
+        uri=libvirt_uri,
+        name_prefix=prefix,
+        network="user",
+    )
+    worker = Worker(WorkerOptions(beanstalkd.address, tube, vms=1, idle_timeout=3, mode="direct"), factory)
+    try:
+        report = worker.run()
+    finally:
+        destroy_domains(libvirt_uri, prefix)
+    assert not report.errors and report.done == 2 and report.vms[0].end_reason == "idle"
+    with Beanstalk(beanstalkd.address, watch=results_tube(tube)) as rb:
+        got = collect_results(rb, want=2, timeout=5)
+    assert got.results["a"]["status"] == "ok" and got.results["a"]["stdout"].strip()
+    assert (got.results["b"]["exit"], got.results["b"]["stdout"], got.results["b"]["stderr"]) == (
+        4,
+        "xyz",
+        "e\n",
+    )
+    with Beanstalk(beanstalkd.address) as bs:
+        assert _tube_counts(bs, tube) == {"ready": 0, "reserved": 0, "buried": 1, "delayed": 0}
+    assert domains(libvirt_uri, prefix) == []

@@ -27,7 +27,9 @@ pytestmark = pytest.mark.unit
 
 
 def test_item_roundtrip() -> None:
-    it = Item("a1", ["sh", "-c", "echo 'hi there'"], {"x.txt": {"data": "aGk="}}, timeout_s=5, max_output=100)
+    it = Item(
+        "a1", ["sh", "-c", "echo 'hi there'"], {"x.txt": {"data": "aGk="}}, timeout_s=5, max_output=100
+    )
     back = parse_item(it.encode())
     assert back == it
     assert json.loads(it.encode())["v"] == 1

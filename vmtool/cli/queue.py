@@ -20,12 +20,21 @@ EXIT_TERMINATED = 143
 
 
 def _common(p: argparse.ArgumentParser, *, tube_required: bool = True) -> None:
-    p.add_argument("--server", default="127.0.0.1:11300", metavar="HOST:PORT",
-                   help="beanstalkd address (as seen from the --via host when tunnelling; default %(default)s)")
+    p.add_argument(
+        "--server",
+        default="127.0.0.1:11300",
+        metavar="HOST:PORT",
+        help="beanstalkd address (as seen from the --via host when tunnelling; default %(default)s)",
+    )
     p.add_argument("--tube", required=tube_required, help="work tube (results go to TUBE.results)")
-    p.add_argument("--via", metavar="ssh://USER@HOST[:PORT]",
-                   help="reach the server through an SSH tunnel (host key must be in known_hosts)")
-    p.add_argument("--known-hosts", type=Path, help="known_hosts file for --via (default ~/.ssh/known_hosts)")
+    p.add_argument(
+        "--via",
+        metavar="ssh://USER@HOST[:PORT]",
+        help="reach the server through an SSH tunnel (host key must be in known_hosts)",
+    )
+    p.add_argument(
+        "--known-hosts", type=Path, help="known_hosts file for --via (default ~/.ssh/known_hosts)"
+    )
     p.add_argument("--identity", type=Path, help="SSH private key for --via")
     add_json_flag(p)
 
@@ -34,16 +43,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     q = sub.add_parser("queue", help="work items into VMs through beanstalkd, results back")
     qs = q.add_subparsers(dest="queue_command", metavar="SUBCOMMAND")
 
-    p = qs.add_parser("put", help="put work items on a tube",
-                      description="Put items from a JSON-lines file, or one item running CMD ARGS.")
+    p = qs.add_parser(
+        "put",
+        help="put work items on a tube",
+        description="Put items from a JSON-lines file, or one item running CMD ARGS.",
+    )
     _common(p)
     p.add_argument("--file", type=Path, help="JSON lines, one item per line ('-' = stdin)")
     p.add_argument("--id", help="item id (single command; default: random)")
-    p.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
-                   help="inline input file for a single command (repeatable)")
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="inline input file for a single command (repeatable)",
+    )
     p.add_argument("--timeout-s", type=int, default=None, help="per-item run time limit in seconds")
     p.add_argument("--max-output", type=int, default=None, help="bytes of stdout/stderr tail kept")
-    p.add_argument("--ttr", type=int, default=60, help="beanstalkd time-to-run; the worker touches it (%(default)s)")
+    p.add_argument(
+        "--ttr", type=int, default=60, help="beanstalkd time-to-run; the worker touches it (%(default)s)"
+    )
     p.add_argument("--priority", type=int, default=1024)
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     p.set_defaults(func=_put)
@@ -61,22 +80,36 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     w = qs.add_parser("work", help="run items in VMs (inside a batch job)")
     _common(w)
-    w.add_argument("--image", type=Path, required=True, help="manifest.json of 'vmtool build', or a staged overlay")
+    w.add_argument(
+        "--image", type=Path, required=True, help="manifest.json of 'vmtool build', or a staged overlay"
+    )
     w.add_argument("--manifest", type=Path, help="the build's manifest.json when --image is an overlay")
     w.add_argument("--vms", type=int, default=1, help="VMs to run at once (default 1)")
     w.add_argument("--max-items", type=int, help="stop after taking this many items")
     w.add_argument("--idle-timeout", type=float, default=60.0, help="stop a VM after this many idle seconds")
-    w.add_argument("--max-attempts", type=int, default=3, help="bury an item after this many failed attempts")
-    w.add_argument("--mode", choices=("relay",), default="relay",
-                   help="relay: items pass over virtio-serial, the guest has no route to the queue")
+    w.add_argument(
+        "--max-attempts", type=int, default=3, help="bury an item after this many failed attempts"
+    )
+    w.add_argument(
+        "--mode",
+        choices=("relay", "direct"),
+        default="relay",
+        help="relay (default): items pass over virtio-serial and the guest has no network; direct: the guest "
+        "agent talks to beanstalkd itself over user-mode networking (unsafe unless the server is only "
+        "reachable through a tunnel, see docs/queue.md)",
+    )
     w.add_argument("--memory", type=int, dest="memory_mib", help="MiB per VM (default: from the slot)")
     w.add_argument("--cpus", type=int, help="vCPUs per VM (default: from the slot)")
     w.add_argument("--workdir", type=Path, help="where overlays and sockets live (default: a temp dir here)")
     w.add_argument("--no-cgroup", action="store_true", help="leave the VMs where libvirt puts them")
     w.add_argument("--cgroup-parent", help="slot cgroup for the VMs (default: this process's own)")
     w.add_argument("--uri", default="qemu:///system", help="libvirt URI")
-    w.add_argument("--network", default="none",
-                   help="guest network: 'none' (default: no route anywhere), 'user', or a libvirt network")
+    w.add_argument(
+        "--network",
+        default=None,
+        help="guest network: 'none' (relay default: no route anywhere), 'user' (direct default), or a "
+        "libvirt network",
+    )
     w.set_defaults(func=_work)
 
     def usage(a: argparse.Namespace) -> int:
@@ -109,7 +142,9 @@ def _put(args: argparse.Namespace) -> int:
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if bool(args.file) == bool(cmd):
-        raise QueueError("give either --file ITEMS.jsonl or -- CMD ARGS", hint="see 'vmtool queue put --help'")
+        raise QueueError(
+            "give either --file ITEMS.jsonl or -- CMD ARGS", hint="see 'vmtool queue put --help'"
+        )
     if args.file:
         if args.input or args.id:
             raise QueueError("--input and --id go with a single command, not --file")
@@ -172,8 +207,10 @@ def format_result_line(d: dict[str, Any]) -> str:
     if len(out) > 60:
         out = out[:57] + "..."
     ex = d.get("exit")
-    return (f"{d.get('id')}\t{d.get('status')}\texit={'-' if ex is None else ex}\t"
-            f"{float(d.get('duration_s') or 0):.2f}s\t{d.get('vm') or '-'}\t{out}")
+    return (
+        f"{d.get('id')}\t{d.get('status')}\texit={'-' if ex is None else ex}\t"
+        f"{float(d.get('duration_s') or 0):.2f}s\t{d.get('vm') or '-'}\t{out}"
+    )
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -185,7 +222,9 @@ def _stats(args: argparse.Namespace) -> int:
         st = tube_stats(bs, args.tube)
     lines = [f"{'tube':<40} {'ready':>6} {'reserved':>8} {'delayed':>7} {'buried':>6} {'total':>6}"]
     for t, v in st["tubes"].items():
-        lines.append(f"{t:<40} {v['ready']:>6} {v['reserved']:>8} {v['delayed']:>7} {v['buried']:>6} {v['total-jobs']:>6}")
+        lines.append(
+            f"{t:<40} {v['ready']:>6} {v['reserved']:>8} {v['delayed']:>7} {v['buried']:>6} {v['total-jobs']:>6}"
+        )
     for b in st["buried"]:
         lines.append(f"buried job {b.get('job')} (item {b.get('item_id')}): {b.get('reason')}")
     emit(args, st, "\n".join(lines))
@@ -201,22 +240,40 @@ def _work(args: argparse.Namespace) -> int:
         addr = stack.enter_context(_address(args))
         if args.workdir:
             args.workdir.mkdir(parents=True, exist_ok=True)
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vmtool-work-", dir=args.workdir)))
+            workdir = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="vmtool-work-", dir=args.workdir))
+            )
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vmtool-work-", dir=".")))
-        factory = VMFactory(image, workdir, memory_mib=args.memory_mib, cpus=args.cpus,
-                            use_cgroup=not args.no_cgroup, cgroup_parent=args.cgroup_parent, uri=args.uri,
-                            network=args.network)
-        opts = WorkerOptions(addr, args.tube, vms=args.vms, max_items=args.max_items,
-                             idle_timeout=args.idle_timeout, max_attempts=args.max_attempts)
+        factory = VMFactory(
+            image,
+            workdir,
+            memory_mib=args.memory_mib,
+            cpus=args.cpus,
+            use_cgroup=not args.no_cgroup,
+            cgroup_parent=args.cgroup_parent,
+            uri=args.uri,
+            network=args.network or ("user" if args.mode == "direct" else "none"),
+        )
+        opts = WorkerOptions(
+            addr,
+            args.tube,
+            vms=args.vms,
+            max_items=args.max_items,
+            idle_timeout=args.idle_timeout,
+            max_attempts=args.max_attempts,
+            mode=args.mode,
+        )
         worker = Worker(opts, factory, on_event=None if args.json else _progress_printer())
         stack.enter_context(_on_sigterm(worker))
         t0 = time.monotonic()
         report = worker.run()
     data = report.to_dict()
     data["wall_s"] = round(time.monotonic() - t0, 2)
-    text = (f"{report.done} item(s) done, {report.retried} retried, {report.buried} buried, "
-            f"{report.released} released in {data['wall_s']:.1f} s\n" + "\n".join(iter_lines(report)))
+    text = (
+        f"{report.done} item(s) done, {report.retried} retried, {report.buried} buried, "
+        f"{report.released} released in {data['wall_s']:.1f} s\n" + "\n".join(iter_lines(report))
+    )
     emit(args, data, text)
     if report.terminated:
         return EXIT_TERMINATED
@@ -246,8 +303,10 @@ def _progress_printer() -> Any:
 
     def show(what: str, data: dict[str, Any]) -> None:
         if what == "result":
-            sys.stderr.write(f"  {data['item']}: {data['status']} (exit {data['exit']}) on {data['vm']} "
-                             f"in {data['duration_s']:.1f} s\n")
+            sys.stderr.write(
+                f"  {data['item']}: {data['status']} (exit {data['exit']}) on {data['vm']} "
+                f"in {data['duration_s']:.1f} s\n"
+            )
         elif what in ("ready", "buried", "retry", "vm-failed", "reconnecting", "error", "released"):
             sys.stderr.write(f"  {what}: " + ", ".join(f"{k}={v}" for k, v in data.items()) + "\n")
         sys.stderr.flush()

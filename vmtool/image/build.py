@@ -33,7 +33,7 @@ from vmtool.image.inspect import (
     read_fstab,
     reader_for,
 )
-from vmtool.image.source import BackgroundHash, open_source, raw_view, sha256_file
+from vmtool.image.source import BackgroundHash, Source, open_source, raw_view, sha256_file
 from vmtool.manifest import BootFile, DiskInfo, Manifest, RootfsInfo, SourceInfo
 from vmtool.run import run
 
@@ -156,7 +156,10 @@ def pick_backend(requested: str, layout: Layout) -> tuple[str, str]:
     if root.fstype not in EXT_TYPES:
         return "guestfs", f"{root.fstype} cannot be changed without an appliance: using libguestfs"
     boot_type = layout.boot.fstype if layout.boot else "?"
-    return "guestfs", f"/boot is {boot_type}, which vmtool cannot read without an appliance: using libguestfs"
+    return (
+        "guestfs",
+        f"/boot is {boot_type}, which vmtool cannot read without an appliance: using libguestfs",
+    )
 
 
 def build(opts: BuildOptions) -> Result:
@@ -178,94 +181,111 @@ def build(opts: BuildOptions) -> Result:
     with atomic_dir(outdir, force=opts.force) as tmp:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the VM runner (libvirt's qemu user) must read it
         src_hash = BackgroundHash(src.path)
-        with raw_view(src, tmp) as raw:
-            materialized: dict[str, Path] = {}
+        try:
+            return _build_in(opts, src, tmp, outdir, src_hash, keys, extra_files, agent_info)
+        except BaseException:
+            src_hash.cancel()
+            raise
 
-            def materialize(v: Volume) -> Path:
-                if v.name not in materialized:
-                    p = tmp / f".volume-{len(materialized)}.img"
-                    extract(raw, v.pieces, p, label=f"reading {v.name}")
-                    materialized[v.name] = p
-                return materialized[v.name]
 
-            layout = inspect_disk(src, raw, root_spec=opts.root, materialize=materialize)
-            root = layout.root
-            assert root is not None
-            backend, reason = pick_backend(opts.backend, layout)
-            log.info("backend %s: %s", backend, reason)
-            label = opts.label or DEFAULT_LABEL
-            check_label(label, root.fstype, explicit=opts.label is not None)
-            rootfs = tmp / "rootfs.img"
-            if backend == "native":
-                kernel, kpath, ipath, fstab_before, fstab_after, digest = _native(
-                    layout, raw, rootfs, tmp, label, keys, extra_files, opts.kernel_version, materialized
-                )
-            else:
-                from vmtool.image import guestfs_backend  # lazy: needs the guestfs binding
+def _build_in(
+    opts: BuildOptions,
+    src: Source,
+    tmp: Path,
+    outdir: Path,
+    src_hash: BackgroundHash,
+    keys: bytes,
+    extra_files: dict[str, tuple[bytes, int]],
+    agent_info: dict[str, Any] | None,
+) -> Result:
+    with raw_view(src, tmp) as raw:
+        materialized: dict[str, Path] = {}
 
-                kernel, kpath, ipath, fstab_before, fstab_after = guestfs_backend.build(
-                    layout,
-                    rootfs,
-                    tmp,
-                    label=label,
-                    ssh_keys=keys,
-                    files=extra_files,
-                    kernel_version=opts.kernel_version,
-                )
-                digest = None
-            for p in materialized.values():
-                p.unlink(missing_ok=True)
-        rootfs_uuid, rootfs_type = _fs_identity(rootfs)
-        virtual = os.path.getsize(rootfs)
-        final = rootfs
-        if opts.rootfs_format == "qcow2":
-            final = tmp / "rootfs.qcow2"
-            run(
-                ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", os.fspath(rootfs), os.fspath(final)],
-                hint="check free space beside the output directory",
+        def materialize(v: Volume) -> Path:
+            if v.name not in materialized:
+                p = tmp / f".volume-{len(materialized)}.img"
+                extract(raw, v.pieces, p, label=f"reading {v.name}")
+                materialized[v.name] = p
+            return materialized[v.name]
+
+        layout = inspect_disk(src, raw, root_spec=opts.root, materialize=materialize)
+        root = layout.root
+        assert root is not None
+        backend, reason = pick_backend(opts.backend, layout)
+        log.info("backend %s: %s", backend, reason)
+        label = opts.label or DEFAULT_LABEL
+        check_label(label, root.fstype, explicit=opts.label is not None)
+        rootfs = tmp / "rootfs.img"
+        if backend == "native":
+            kernel, kpath, ipath, fstab_before, fstab_after, digest = _native(
+                layout, raw, rootfs, tmp, label, keys, extra_files, opts.kernel_version, materialized
             )
-            rootfs.unlink()
-        # Hash the rootfs on one core while its pages are written back (fsync) and the small files hashed.
-        rootfs_hash = BackgroundHash(final, cache=False) if digest is None or final != rootfs else None
-        _fsync(final, kpath, ipath)  # durable before the rename that publishes them
-        k_sha, i_sha = sha256_file(kpath, sparse=False), sha256_file(ipath, sparse=False)
-        manifest = Manifest(
-            source=SourceInfo(os.fspath(src.path.resolve()), src.format, src.size, src_hash.get()),
-            rootfs=RootfsInfo(
-                final.name,
-                opts.rootfs_format,
-                rootfs_type,
-                label,
-                rootfs_uuid,
-                virtual,
-                allocated_bytes(final),
-                rootfs_hash.get() if rootfs_hash else str(digest),
-            ),
-            kernel=BootFile(kpath.name, kernel.version, k_sha),
-            initrd=BootFile(ipath.name, kernel.version, i_sha),
-            cmdline=f"root=LABEL={label} ro console=ttyS0",
-            fstab_before=fstab_before,
-            fstab_after=fstab_after,
-            created=datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat(),
-            vmtool_version=__version__,
-            agent=agent_info,
-            extra={
-                "build": {
-                    "backend": backend,
-                    "backend_reason": reason,
-                    "root": root.name,
-                    "root_reason": layout.root_reason,
-                    "boot": layout.boot.name if layout.boot else None,
-                    "boot_reason": layout.boot_reason,
-                }
-            },
-            base_dir=tmp,
+        else:
+            from vmtool.image import guestfs_backend  # lazy: needs the guestfs binding
+
+            kernel, kpath, ipath, fstab_before, fstab_after = guestfs_backend.build(
+                layout,
+                rootfs,
+                tmp,
+                label=label,
+                ssh_keys=keys,
+                files=extra_files,
+                kernel_version=opts.kernel_version,
+            )
+            digest = None
+        for p in materialized.values():
+            p.unlink(missing_ok=True)
+    rootfs_uuid, rootfs_type = _fs_identity(rootfs)
+    virtual = os.path.getsize(rootfs)
+    final = rootfs
+    if opts.rootfs_format == "qcow2":
+        final = tmp / "rootfs.qcow2"
+        run(
+            ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", os.fspath(rootfs), os.fspath(final)],
+            hint="check free space beside the output directory",
         )
-        mpath = tmp / "manifest.json"
+        rootfs.unlink()
+    # Hash the rootfs on one core while its pages are written back (fsync) and the small files hashed.
+    rootfs_hash = BackgroundHash(final, cache=False) if digest is None or final != rootfs else None
+    _fsync(final, kpath, ipath)  # durable before the rename that publishes them
+    k_sha, i_sha = sha256_file(kpath, sparse=False), sha256_file(ipath, sparse=False)
+    manifest = Manifest(
+        source=SourceInfo(os.fspath(src.path.resolve()), src.format, src.size, src_hash.get()),
+        rootfs=RootfsInfo(
+            final.name,
+            opts.rootfs_format,
+            rootfs_type,
+            label,
+            rootfs_uuid,
+            virtual,
+            allocated_bytes(final),
+            rootfs_hash.get() if rootfs_hash else str(digest),
+        ),
+        kernel=BootFile(kpath.name, kernel.version, k_sha),
+        initrd=BootFile(ipath.name, kernel.version, i_sha),
+        cmdline=f"root=LABEL={label} ro console=ttyS0",
+        fstab_before=fstab_before,
+        fstab_after=fstab_after,
+        created=datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat(),
+        vmtool_version=__version__,
+        agent=agent_info,
+        extra={
+            "build": {
+                "backend": backend,
+                "backend_reason": reason,
+                "root": root.name,
+                "root_reason": layout.root_reason,
+                "boot": layout.boot.name if layout.boot else None,
+                "boot_reason": layout.boot_reason,
+            }
+        },
+        base_dir=tmp,
+    )
+    mpath = tmp / "manifest.json"
+    manifest.save(mpath)
+    if opts.disk:
+        manifest.disk = _assemble(mpath, tmp, opts.disk_format)
         manifest.save(mpath)
-        if opts.disk:
-            manifest.disk = _assemble(mpath, tmp, opts.disk_format)
-            manifest.save(mpath)
     manifest.base_dir = outdir
     return Result(manifest, backend, reason, outdir)
 

@@ -163,7 +163,11 @@ def raw_view(src: Source, workdir: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def sha256_file(path: Path, *, sparse: bool = True) -> str:
+class Cancelled(Exception):
+    pass
+
+
+def sha256_file(path: Path, *, sparse: bool = True, stop: threading.Event | None = None) -> str:
     """sha256 of a file's bytes; holes are hashed from a zero buffer without reading them."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -185,6 +189,8 @@ def sha256_file(path: Path, *, sparse: bool = True) -> str:
             f.seek(data)
             left = hole - data
             while left > 0:
+                if stop is not None and stop.is_set():
+                    raise Cancelled()
                 buf = f.read(min(left, 8 << 20))
                 if not buf:
                     raise ImageError(f"{path}: file shrank while it was read")
@@ -212,7 +218,7 @@ def _cache_key(st: os.stat_result) -> str:
     return f"{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
 
 
-def cached_sha256(path: Path) -> str:
+def cached_sha256(path: Path, stop: threading.Event | None = None) -> str:
     """sha256 of a source image, remembered per (device, inode, size, mtime) as git's index does.
 
     Builds of the same disk with other options (labels, keys, kernels) then skip re-reading it. The
@@ -224,7 +230,7 @@ def cached_sha256(path: Path) -> str:
         text = entry.read_text().strip()
         if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
             return text
-    digest = sha256_file(path)
+    digest = sha256_file(path, stop=stop)
     after = os.stat(path)
     if _cache_key(after) == _cache_key(st):
         with contextlib.suppress(OSError):
@@ -241,6 +247,7 @@ class BackgroundHash:
     def __init__(self, path: Path, *, cache: bool = True) -> None:
         self.path = path
         self.cache = cache
+        self.stop = threading.Event()
         self.result: str | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="vmtool-sha256", daemon=True)
@@ -248,9 +255,18 @@ class BackgroundHash:
 
     def _run(self) -> None:
         try:
-            self.result = cached_sha256(self.path) if self.cache else sha256_file(self.path)
+            if self.cache:
+                self.result = cached_sha256(self.path, self.stop)
+            else:
+                self.result = sha256_file(self.path, stop=self.stop)
+        except Cancelled:
+            pass
         except BaseException as e:  # re-raised in the caller's thread by get()
             self.error = e
+
+    def cancel(self) -> None:
+        """Stop early (the build failed); the thread ends at its next chunk."""
+        self.stop.set()
 
     def get(self) -> str:
         self.thread.join()

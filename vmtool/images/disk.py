@@ -300,6 +300,7 @@ def make_whole_disk(
     boot_files: dict[str, bytes | str] | None = None,
     boot_symlinks: dict[str, str] | None = None,
     root_size_mib: int | None = None,
+    root_symlinks: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Make a whole-disk image of `tree` laid out as an installer would, and return its layout facts.
 
@@ -308,6 +309,7 @@ def make_whole_disk(
     root: partition | lvm (VG `vg` with lv_swap before lv_root unless swap_lv_first=False;
     split_root=True splits lv_root into two segments around lv_swap).
     boot_files / boot_symlinks: extra entries put into the /boot filesystem (name -> content / target).
+    root_symlinks: symlinks put into the root filesystem (path -> target), replacing what is there.
     """
     out = Path(out)
     kernels = list(kernels) if kernels is not None else [newest_host_kernel()]
@@ -387,6 +389,12 @@ def make_whole_disk(
             etc_fstab.parent.mkdir(parents=True, exist_ok=True)
             etc_fstab.write_text(fstab_text)
         facts["fstab"] = fstab_text
+        for rel, target in (root_symlinks or {}).items():
+            link = rtree / rel.lstrip("/")
+            if link.exists() or link.is_symlink():
+                link.unlink()
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(target)
 
         img = tmp / "disk.raw"
         with open(img, "wb") as f:

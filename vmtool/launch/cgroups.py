@@ -144,7 +144,10 @@ class VMCgroup:
             _write(d / "memory.max", str(memory_bytes))
             if (d.parent / "memory.swap.max").exists():
                 _write(d / "memory.swap.max", "0")  # as HTCondor's DISABLE_SWAP_FOR_JOB
-            _write(d / "memory.oom.group", "1")  # an OOM kill takes the whole VM, not one thread
+            try:
+                _write(d / "memory.oom.group", "1")  # an OOM kill takes the whole VM, not one thread
+            except CgroupError:
+                pass  # kernels before 4.19 lack it; qemu is one process anyway
             if "cpu" in enabled:
                 _write(d / "cpu.weight", str(min(10000, max(1, 100 * cpus))))
             return

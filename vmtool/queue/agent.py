@@ -14,10 +14,12 @@ from vmtool.errors import QueueError
 
 AGENT_VERSION = "1"
 
-# Direct mode (the guest reserving from beanstalkd itself) is not implemented: see docs/queue.md.
-MODES = ("relay",)
+# relay: items and results pass over virtio-serial, the guest has no network. direct: the guest agent
+# reserves from beanstalkd itself (the seed's way; unsafe unless the server is reached through a tunnel).
+MODES = ("relay", "direct")
 
 AGENT_PATH = "/usr/lib/vmtool/agent.sh"
+ITEM_AWK_PATH = "/usr/lib/vmtool/agent-item.awk"
 HOOK_PATH = "/etc/vmtool/rc.d/50-vmtool-agent"
 CONF_PATH = "/etc/vmtool/agent.conf"
 
@@ -40,11 +42,6 @@ def agent_script(mode: str = "relay") -> str:
 
 
 def _check_mode(mode: str) -> None:
-    if mode == "direct":
-        raise QueueError(
-            "the direct-mode guest agent is not available in this vmtool",
-            hint="use --agent relay: items reach the VM over virtio-serial and the guest needs no network",
-        )
     if mode not in MODES:
         raise QueueError(f"unknown agent mode {mode!r}", hint=f"use one of: {', '.join(MODES)}")
 
@@ -55,6 +52,7 @@ def agent_files(mode: str = "relay") -> dict[str, tuple[bytes, int]]:
     conf = f"# written by vmtool build --agent\nVMTOOL_AGENT_MODE={mode}\nVMTOOL_AGENT_VERSION={AGENT_VERSION}\n"
     return {
         AGENT_PATH: (agent_script(mode).encode(), 0o755),
+        ITEM_AWK_PATH: (resources.files("vmtool").joinpath("templates/agent-item.awk").read_bytes(), 0o644),
         HOOK_PATH: (HOOK.encode(), 0o755),
         CONF_PATH: (conf.encode(), 0o644),
     }

@@ -68,8 +68,13 @@ class Beanstalk:
     """One connection to beanstalkd (a greenstalk Client on a socket with timeouts)."""
 
     def __init__(
-        self, address: tuple[str, int], *, use: str | None = None, watch: str | None = None,
-        io_timeout: float = 30.0, connect_timeout: float = 10.0,
+        self,
+        address: tuple[str, int],
+        *,
+        use: str | None = None,
+        watch: str | None = None,
+        io_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
     ) -> None:
         self.address = address
         self.io_timeout = io_timeout
@@ -170,8 +175,9 @@ class Beanstalk:
             self._call("use", "use", check_tube(tube))
             self._use = tube
 
-    def put(self, body: bytes, *, tube: str | None = None, priority: int = 1024, delay: int = 0,
-            ttr: int = 120) -> int:
+    def put(
+        self, body: bytes, *, tube: str | None = None, priority: int = 1024, delay: int = 0, ttr: int = 120
+    ) -> int:
         if tube is not None:
             self.use(tube)
         return int(self._call("put", "put", body, priority=priority, delay=delay, ttr=ttr))
@@ -230,7 +236,9 @@ class Beanstalk:
                     log.warning("job %d was no longer ours when deleting it", jid)
                 self._deferred.pop(0)
             try:
-                jid, size = (int(n) for n in greenstalk._parse_response(client._reader.readline(), b"RESERVED"))
+                jid, size = (
+                    int(n) for n in greenstalk._parse_response(client._reader.readline(), b"RESERVED")
+                )
             except (greenstalk.TimedOutError, greenstalk.DeadlineSoonError):
                 return None
             return Job(jid, bytes(client._read_chunk(size)))
@@ -238,7 +246,9 @@ class Beanstalk:
         try:
             return exchange()
         except greenstalk.Error as e:
-            raise QueueError(f"beanstalkd at {self.where} refused delete/reserve: {type(e).__name__}") from None
+            raise QueueError(
+                f"beanstalkd at {self.where} refused delete/reserve: {type(e).__name__}"
+            ) from None
         except (OSError, ValueError) as e:
             self.close()
             raise QueueError(f"lost connection to beanstalkd at {self.where} during reserve: {e}") from None

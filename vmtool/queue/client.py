@@ -15,8 +15,9 @@ DEFAULT_TTR = 60
 DEFAULT_PRIORITY = 1024
 
 
-def put_items(bs: Beanstalk, tube: str, items: list[Item], *, ttr: int = DEFAULT_TTR,
-              priority: int = DEFAULT_PRIORITY) -> list[dict[str, Any]]:
+def put_items(
+    bs: Beanstalk, tube: str, items: list[Item], *, ttr: int = DEFAULT_TTR, priority: int = DEFAULT_PRIORITY
+) -> list[dict[str, Any]]:
     """Put validated items on `tube`; returns [{"id", "job"}] in order."""
     check_tube(tube)
     if not 1 <= ttr <= 86400:
@@ -35,8 +36,14 @@ class Collected:
     invalid: int = 0
 
 
-def collect_results(bs: Beanstalk, *, want: int = 0, timeout: float = 0.0, keep: bool = False,
-                    collected: Collected | None = None) -> Collected:
+def collect_results(
+    bs: Beanstalk,
+    *,
+    want: int = 0,
+    timeout: float = 0.0,
+    keep: bool = False,
+    collected: Collected | None = None,
+) -> Collected:
     """Reserve results from the watched results tube until `want` distinct ids (or `timeout` s) arrive.
 
     Each result is deleted once read (kept with keep=True: released at the end); a second result
@@ -111,8 +118,14 @@ def buried_reasons(bs: Beanstalk, tube: str) -> list[dict[str, Any]]:
 
 
 def tube_stats(bs: Beanstalk, tube: str) -> dict[str, Any]:
-    keys = ("current-jobs-ready", "current-jobs-reserved", "current-jobs-delayed", "current-jobs-buried",
-            "total-jobs", "current-watching")
+    keys = (
+        "current-jobs-ready",
+        "current-jobs-reserved",
+        "current-jobs-delayed",
+        "current-jobs-buried",
+        "total-jobs",
+        "current-watching",
+    )
     out: dict[str, Any] = {}
     for t in (tube, results_tube(tube), reasons_tube(tube)):
         st = bs.stats_tube(t) or {}

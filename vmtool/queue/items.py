@@ -106,7 +106,9 @@ def item_from_dict(d: Any, *, default_id: bool = False) -> Item:
         raise ItemError(f"unknown item field(s): {', '.join(sorted(map(str, unknown)))[:200]}")
     v = d.get("v", ITEM_VERSION if default_id else None)
     if v != ITEM_VERSION:
-        raise ItemError(f"unsupported item version {v!r}"[:100], hint=f"this vmtool reads version {ITEM_VERSION}")
+        raise ItemError(
+            f"unsupported item version {v!r}"[:100], hint=f"this vmtool reads version {ITEM_VERSION}"
+        )
     iid = d.get("id", new_id() if default_id else None)
     if not isinstance(iid, str) or not ID_RE.fullmatch(iid):
         raise ItemError(f"item id must match {ID_RE.pattern}, not {iid!r}"[:200])
@@ -115,7 +117,9 @@ def item_from_dict(d: Any, *, default_id: bool = False) -> Item:
         raise ItemError(f"item {iid}: cmd must be a non-empty list of at most {MAX_ARGS} strings")
     for a in cmd:
         if not isinstance(a, str) or "\0" in a or len(a.encode()) > MAX_ARG_BYTES:
-            raise ItemError(f"item {iid}: each cmd argument must be a string without NUL, <= {MAX_ARG_BYTES} bytes")
+            raise ItemError(
+                f"item {iid}: each cmd argument must be a string without NUL, <= {MAX_ARG_BYTES} bytes"
+            )
     inputs = d.get("inputs", {})
     if not isinstance(inputs, dict) or len(inputs) > MAX_INPUTS:
         raise ItemError(f"item {iid}: inputs must be an object with at most {MAX_INPUTS} entries")
@@ -124,7 +128,7 @@ def item_from_dict(d: Any, *, default_id: bool = False) -> Item:
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise ItemError(f"item {iid}: input name {name!r} must match {NAME_RE.pattern}"[:200])
         if not isinstance(spec, dict) or len(spec) != 1:
-            raise ItemError(f"item {iid}: input {name} must be {{\"data\": base64}} or {{\"url\": ...}}")
+            raise ItemError(f'item {iid}: input {name} must be {{"data": base64}} or {{"url": ...}}')
         if "data" in spec:
             data = spec["data"]
             if not isinstance(data, str):
@@ -140,11 +144,13 @@ def item_from_dict(d: Any, *, default_id: bool = False) -> Item:
                 raise ItemError(f"item {iid}: input {name}: url must be an http(s) URL")
             clean_inputs[name] = {"url": url}
         else:
-            raise ItemError(f"item {iid}: input {name} must be {{\"data\": base64}} or {{\"url\": ...}}")
+            raise ItemError(f'item {iid}: input {name} must be {{"data": base64}} or {{"url": ...}}')
     limits = d.get("limits", {})
     if not isinstance(limits, dict) or set(limits) - {"timeout_s", "max_output"}:
         raise ItemError(f"item {iid}: limits may hold only timeout_s and max_output")
-    timeout_s = _int(limits.get("timeout_s", DEFAULT_TIMEOUT_S), f"item {iid}: limits.timeout_s", 1, MAX_TIMEOUT_S)
+    timeout_s = _int(
+        limits.get("timeout_s", DEFAULT_TIMEOUT_S), f"item {iid}: limits.timeout_s", 1, MAX_TIMEOUT_S
+    )
     max_output = _int(
         limits.get("max_output", DEFAULT_MAX_OUTPUT), f"item {iid}: limits.max_output", 1, MAX_MAX_OUTPUT
     )
@@ -152,7 +158,15 @@ def item_from_dict(d: Any, *, default_id: bool = False) -> Item:
     last_error = d.get("last_error")
     if last_error is not None and not isinstance(last_error, str):
         raise ItemError(f"item {iid}: last_error must be a string")
-    return Item(iid, list(cmd), clean_inputs, timeout_s, max_output, attempts, last_error[:500] if last_error else None)
+    return Item(
+        iid,
+        list(cmd),
+        clean_inputs,
+        timeout_s,
+        max_output,
+        attempts,
+        last_error[:500] if last_error else None,
+    )
 
 
 def parse_item(body: bytes) -> Item:
@@ -187,7 +201,7 @@ def read_items_jsonl(text: str, *, source: str = "items") -> list[Item]:
         seen.add(item.id)
         items.append(item)
     if not items:
-        raise ItemError(f"{source}: no items found", hint="one JSON object per line, e.g. {\"cmd\": [\"true\"]}")
+        raise ItemError(f"{source}: no items found", hint='one JSON object per line, e.g. {"cmd": ["true"]}')
     return items
 
 
@@ -222,9 +236,17 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "v": RESULT_VERSION, "id": self.id, "status": self.status, "exit": self.exit,
-            "stdout": self.stdout, "stderr": self.stderr, "outputs": self.outputs, "vm": self.vm,
-            "duration_s": round(self.duration_s, 3), "attempt": self.attempt, "error": self.error,
+            "v": RESULT_VERSION,
+            "id": self.id,
+            "status": self.status,
+            "exit": self.exit,
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "outputs": self.outputs,
+            "vm": self.vm,
+            "duration_s": round(self.duration_s, 3),
+            "attempt": self.attempt,
+            "error": self.error,
             "truncated": self.truncated,
         }
 

@@ -50,8 +50,9 @@ class Relay:
         self._last_send = 0.0
 
     @classmethod
-    def connect(cls, path: Path, *, timeout: float = 30.0, name: str = "vm",
-                alive: Callable[[], bool] | None = None) -> Relay:
+    def connect(
+        cls, path: Path, *, timeout: float = 30.0, name: str = "vm", alive: Callable[[], bool] | None = None
+    ) -> Relay:
         """Connect to the unix socket at `path` (waiting for it to appear)."""
         end = time.monotonic() + timeout
         while True:
@@ -63,7 +64,9 @@ class Relay:
             except OSError as e:
                 s.close()
                 if time.monotonic() > end or (alive is not None and not alive()):
-                    raise RelayError(f"cannot connect to the relay socket of {name} at {path}: {e}") from None
+                    raise RelayError(
+                        f"cannot connect to the relay socket of {name} at {path}: {e}"
+                    ) from None
                 time.sleep(0.2)
 
     def close(self) -> None:
@@ -91,7 +94,9 @@ class Relay:
             if len(self._buf) > MAX_LINE:
                 raise RelayError(f"{self.name}: guest sent a line longer than {MAX_LINE} bytes")
             if time.monotonic() > deadline:
-                raise RelayError(f"{self.name}: guest did not answer in time", hint="see the VM's console log")
+                raise RelayError(
+                    f"{self.name}: guest did not answer in time", hint="see the VM's console log"
+                )
             if tick is not None:
                 tick()
             try:
@@ -110,8 +115,10 @@ class Relay:
 
         def tick() -> None:
             if alive is not None and not alive():
-                raise RelayError(f"{self.name}: the VM stopped before its agent said hello",
-                                 hint="see the VM's console log; was the image built with --agent?")
+                raise RelayError(
+                    f"{self.name}: the VM stopped before its agent said hello",
+                    hint="see the VM's console log; was the image built with --agent?",
+                )
 
         while True:
             parts = self._readline(deadline, tick).split()
@@ -120,6 +127,15 @@ class Relay:
                 self.send("PING\n")
                 self._buf = b""
                 return self.mode
+
+    def next_line(self, wait: float) -> str | None:
+        """The next line from the guest, or None if none came within `wait` seconds."""
+        try:
+            return self._readline(time.monotonic() + wait, None)
+        except RelayError as e:
+            if "did not answer in time" in e.message:
+                return None
+            raise
 
     def ping(self) -> None:
         if time.monotonic() - self._last_send >= PING_EVERY:
@@ -131,8 +147,16 @@ class Relay:
         except RelayError:
             pass
 
-    def run(self, seq: int, script: str, *, timeout_s: int, max_output: int,
-            tick: Callable[[], None] | None = None, grace: float = 60.0) -> GuestResult:
+    def run(
+        self,
+        seq: int,
+        script: str,
+        *,
+        timeout_s: int,
+        max_output: int,
+        tick: Callable[[], None] | None = None,
+        grace: float = 60.0,
+    ) -> GuestResult:
         """Hand one job script to the agent and wait for its result (tick() is called about once a second)."""
         b64 = base64.b64encode(script.encode()).decode()
         lines = [b64[i : i + 76] for i in range(0, len(b64), 76)]

@@ -22,7 +22,9 @@ log = logging.getLogger("vmtool.queue.tunnel")
 
 
 def parse_via(text: str) -> tuple[str, str, int]:
-    m = re.fullmatch(r"ssh://([A-Za-z0-9._-]{1,64})@([A-Za-z0-9.\-]{1,253}|\[[0-9a-fA-F:]+\])(?::(\d{1,5}))?/?", text)
+    m = re.fullmatch(
+        r"ssh://([A-Za-z0-9._-]{1,64})@([A-Za-z0-9.\-]{1,253}|\[[0-9a-fA-F:]+\])(?::(\d{1,5}))?/?", text
+    )
     if not m:
         raise QueueError(f"bad --via {text!r}", hint="use ssh://user@host or ssh://user@host:port")
     port = int(m.group(3) or 22)
@@ -35,8 +37,13 @@ class SSHTunnel:
     """A local port forwarded to `remote` through an SSH connection; use as a context manager."""
 
     def __init__(
-        self, via: str, remote: tuple[str, int], *, known_hosts: Path | None = None,
-        identity: Path | None = None, timeout: float = 15.0,
+        self,
+        via: str,
+        remote: tuple[str, int],
+        *,
+        known_hosts: Path | None = None,
+        identity: Path | None = None,
+        timeout: float = 15.0,
     ) -> None:
         self.user, self.host, self.port = parse_via(via)
         self.via = via
@@ -67,10 +74,15 @@ class SSHTunnel:
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
             client.connect(
-                self.host, port=self.port, username=self.user,
+                self.host,
+                port=self.port,
+                username=self.user,
                 key_filename=os.fspath(self.identity) if self.identity else None,
-                timeout=self.timeout, banner_timeout=self.timeout, auth_timeout=self.timeout,
-                allow_agent=self.identity is None, look_for_keys=self.identity is None,
+                timeout=self.timeout,
+                banner_timeout=self.timeout,
+                auth_timeout=self.timeout,
+                allow_agent=self.identity is None,
+                look_for_keys=self.identity is None,
             )
         except paramiko.BadHostKeyException:
             client.close()
@@ -83,8 +95,11 @@ class SSHTunnel:
             unknown = "not found in known_hosts" in str(e)
             raise QueueError(
                 f"ssh to {self.host}:{self.port} failed: {e}",
-                hint=(f"add the host key to {kh} (ssh-keyscan -p {self.port} {self.host})" if unknown
-                      else "check the user, key (--identity) and that sshd allows TCP forwarding"),
+                hint=(
+                    f"add the host key to {kh} (ssh-keyscan -p {self.port} {self.host})"
+                    if unknown
+                    else "check the user, key (--identity) and that sshd allows TCP forwarding"
+                ),
             ) from None
         except OSError as e:
             client.close()

@@ -155,8 +155,20 @@ class VMFactory:
         d.mkdir(parents=True)
         try:
             overlay = d / "root.qcow2"
-            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", self.image.base_format, "-b",
-                 os.fspath(self.image.base), os.fspath(overlay)])
+            run(
+                [
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    self.image.base_format,
+                    "-b",
+                    os.fspath(self.image.base),
+                    os.fspath(overlay),
+                ]
+            )
             sock = d / "relay.sock"
             spec = LaunchSpec(
                 manifest=self.image.manifest,

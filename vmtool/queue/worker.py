@@ -71,6 +71,8 @@ class WorkerOptions:
     boot_timeout: float = 300.0
     # Seconds a re-put failed item waits before it is ready again (lets a sick VM be replaced first).
     retry_delay: int = 0
+    # relay: the worker hands items to the guest; direct: the guest agent is a beanstalkd client itself.
+    mode: str = "relay"
 
 
 @dataclass
@@ -89,9 +91,15 @@ class VMRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "slot": self.slot, "vm": self.name, "items": self.items, "failed_items": self.failed_items,
-            "boot_s": round(self.boot_s, 2), "busy_s": round(self.busy_s, 2),
-            "wall_s": round(max(0.0, self.ended - self.started), 2), "end": self.end_reason, **self.usage,
+            "slot": self.slot,
+            "vm": self.name,
+            "items": self.items,
+            "failed_items": self.failed_items,
+            "boot_s": round(self.boot_s, 2),
+            "busy_s": round(self.busy_s, 2),
+            "wall_s": round(max(0.0, self.ended - self.started), 2),
+            "end": self.end_reason,
+            **self.usage,
         }
 
 
@@ -108,9 +116,14 @@ class WorkerReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "tube": self.tube, "done": self.done, "retried": self.retried, "buried": self.buried,
-            "released": self.released, "terminated": self.terminated,
-            "vms": [v.to_dict() for v in self.vms], "errors": self.errors,
+            "tube": self.tube,
+            "done": self.done,
+            "retried": self.retried,
+            "buried": self.buried,
+            "released": self.released,
+            "terminated": self.terminated,
+            "vms": [v.to_dict() for v in self.vms],
+            "errors": self.errors,
         }
 
 
@@ -138,15 +151,23 @@ def fetch_inputs(item: Item, *, timeout: float = 30.0) -> dict[str, bytes]:
         except (urllib.error.URLError, OSError, ValueError) as e:
             raise ItemError(f"item {item.id}: cannot fetch input {name} from {url}: {e}") from None
         if len(data) > MAX_URL_INPUT_BYTES:
-            raise ItemError(f"item {item.id}: input {name} from {url} is larger than {MAX_URL_INPUT_BYTES} bytes")
+            raise ItemError(
+                f"item {item.id}: input {name} from {url} is larger than {MAX_URL_INPUT_BYTES} bytes"
+            )
         out[name] = data
     return out
 
 
 class Worker:
-    def __init__(self, opts: WorkerOptions, start_vm: VMStarter,
-                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        opts: WorkerOptions,
+        start_vm: VMStarter,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
         check_tube(opts.tube)
+        if opts.mode not in ("relay", "direct"):
+            raise QueueError(f"unknown worker mode {opts.mode!r}", hint="use relay or direct")
         if opts.vms < 1:
             raise QueueError("--vms must be at least 1")
         self.opts = opts
@@ -248,7 +269,10 @@ class Worker:
                 rec.boot_s += time.monotonic() - t0
                 rec.boot_failures = 0
                 self._event("ready", slot=rec.slot, vm=vm.name, boot_s=round(time.monotonic() - t0, 1))
-                again = self._serve(rec, bs, vm, relay)
+                if self.opts.mode == "direct":
+                    again = self._serve_direct(rec, vm, relay)
+                else:
+                    again = self._serve(rec, bs, vm, relay)
                 if not again:
                     relay.stop()
                     self._wait_off(vm, 30)
@@ -326,6 +350,56 @@ class Worker:
             rec.busy_s += time.monotonic() - t_item
             idle_since = time.monotonic()
 
+    def _serve_direct(self, rec: VMRecord, vm: GuestVM, relay: Relay) -> bool:
+        """Direct mode: tell the agent where the queue is, then only watch (and count) until it is done."""
+        host, port = self.opts.address
+        # User-mode networking: the guest reaches the host's loopback at 10.0.2.2.
+        ghost = "10.0.2.2" if host in ("127.0.0.1", "localhost", "::1") else host
+        relay.send(
+            f"DIRECT {ghost} {port} {self.opts.tube} {max(1, int(self.opts.idle_timeout))} "
+            f"{self.opts.max_attempts} {vm.name}\n"
+        )
+        while True:
+            if self._stop.is_set():
+                # Destroying the VM drops its beanstalkd connection: its item is ready again at once.
+                rec.end_reason = "terminated" if self._term.is_set() else "stopped"
+                return False
+            try:
+                line = relay.next_line(0.5)
+            except RelayError:
+                line = None
+                if vm.alive():
+                    raise
+            if line is None:
+                if not vm.alive():
+                    # Died mid-item (its item is ready again, its connection gone); the agent buries an
+                    # item after max_attempts lost reservations. Start another VM unless stopping.
+                    rec.end_reason = "died"
+                    rec.failed_items += 1
+                    return not self._stop.is_set()
+                continue
+            parts = line.split()
+            if parts[:1] == ["DID"] and len(parts) == 5:
+                rec.items += 1
+                with self._lock:
+                    self.report.done += 1
+                try:
+                    took = float(parts[4])
+                except ValueError:
+                    took = 0.0
+                self._event(
+                    "result",
+                    item=parts[1][:128],
+                    status=parts[2][:16],
+                    exit=parts[3][:8],
+                    vm=vm.name,
+                    duration_s=took,
+                )
+            elif parts[:1] == ["DONE"]:
+                rec.end_reason = "idle"
+                self._wait_off(vm, 30)
+                return False
+
     def _reserve(self, bs: Beanstalk, timeout: int) -> Any:
         try:
             return bs.reserve(timeout=timeout)
@@ -349,8 +423,16 @@ class Worker:
                 bs.reconnect(deadline=max(1.0, end - time.monotonic()))
 
     def _bury(self, bs: Beanstalk, job_id: int, item_id: str | None, reason: str, attempts: int) -> None:
-        note = json.dumps({"job": job_id, "item_id": item_id, "reason": reason[:1000], "attempts": attempts,
-                           "tube": self.opts.tube, "at": time.time()}).encode()
+        note = json.dumps(
+            {
+                "job": job_id,
+                "item_id": item_id,
+                "reason": reason[:1000],
+                "attempts": attempts,
+                "tube": self.opts.tube,
+                "at": time.time(),
+            }
+        ).encode()
         self._retrying(bs, "note", lambda: bs.put(note, tube=reasons_tube(self.opts.tube), ttr=60))
         self._retrying(bs, "bury", lambda: bs.bury(job_id))
         with self._lock:
@@ -380,7 +462,9 @@ class Worker:
         try:
             inputs = fetch_inputs(item)
         except ItemError as e:
-            self._finish(bs, job.id, Result(item.id, "error", None, vm=vm.name, attempt=attempt, error=e.message))
+            self._finish(
+                bs, job.id, Result(item.id, "error", None, vm=vm.name, attempt=attempt, error=e.message)
+            )
             return
         touch_every = max(0.5, min(ttr / 3.0, 10.0))
         last_touch = time.monotonic()
@@ -405,8 +489,13 @@ class Worker:
             self._seq += 1
             seq = self._seq
         try:
-            g = relay.run(seq, job_script(item, inputs), timeout_s=item.timeout_s,
-                          max_output=item.max_output, tick=tick)
+            g = relay.run(
+                seq,
+                job_script(item, inputs),
+                timeout_s=item.timeout_s,
+                max_output=item.max_output,
+                tick=tick,
+            )
         except _Terminated:
             self._retrying(bs, "release", lambda: bs.release(job.id))
             with self._lock:
@@ -417,8 +506,11 @@ class Worker:
             rec.failed_items += 1
             err = e.message
             retry = Item(item.id, item.cmd, item.inputs, item.timeout_s, item.max_output, attempt, err[:500])
-            self._retrying(bs, "re-put", lambda: bs.put(retry.encode(), tube=self.opts.tube,
-                                                          ttr=ttr, delay=self.opts.retry_delay))
+            self._retrying(
+                bs,
+                "re-put",
+                lambda: bs.put(retry.encode(), tube=self.opts.tube, ttr=ttr, delay=self.opts.retry_delay),
+            )
             self._retrying(bs, "delete", lambda: bs.delete(job.id))
             with self._lock:
                 self.report.retried += 1
@@ -430,10 +522,15 @@ class Worker:
         import base64
 
         res = Result(
-            item.id, status, g.exit, stdout=g.stdout.decode("utf-8", "replace"),
+            item.id,
+            status,
+            g.exit,
+            stdout=g.stdout.decode("utf-8", "replace"),
             stderr=g.stderr.decode("utf-8", "replace"),
             outputs={k: base64.b64encode(v).decode() for k, v in g.outputs.items()},
-            vm=vm.name, duration_s=took, attempt=attempt,
+            vm=vm.name,
+            duration_s=took,
+            attempt=attempt,
         )
         self._finish(bs, job.id, res)
         rec.items += 1
@@ -447,8 +544,14 @@ class Worker:
         bs.defer_delete(job_id)
         with self._lock:
             self.report.done += 1
-        self._event("result", item=res.id, status=res.status, exit=res.exit, vm=res.vm,
-                    duration_s=round(res.duration_s, 2))
+        self._event(
+            "result",
+            item=res.id,
+            status=res.status,
+            exit=res.exit,
+            vm=res.vm,
+            duration_s=round(res.duration_s, 2),
+        )
 
 
 def iter_lines(report: WorkerReport) -> Iterator[str]:
