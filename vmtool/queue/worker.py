@@ -267,7 +267,6 @@ class Worker:
             try:
                 relay.wait_hello(timeout=self.opts.boot_timeout, alive=self._alive_or_term(vm))
                 rec.boot_s += time.monotonic() - t0
-                rec.boot_failures = 0
                 self._event("ready", slot=rec.slot, vm=vm.name, boot_s=round(time.monotonic() - t0, 1))
                 if self.opts.mode == "direct":
                     again = self._serve_direct(rec, vm, relay)
@@ -323,7 +322,15 @@ class Worker:
                 log.warning("%s stopped while idle%s", vm.name, f" ({vm.failure()})" if vm.failure() else "")
                 self._event("vm-failed", slot=rec.slot, vm=vm.name, message="stopped while idle")
                 rec.end_reason = "died"
-                return True
+                # Counted like a failed boot: a VM that keeps dying without finishing an item must
+                # not be restarted forever.
+                rec.boot_failures += 1
+                if rec.boot_failures >= MAX_BOOT_FAILURES:
+                    raise QueueError(
+                        f"VMs stopped {rec.boot_failures} times in a row without finishing an item",
+                        hint="check the image and the VM's console log",
+                    )
+                return not self._stop.is_set()
             if time.monotonic() - idle_since > self.opts.idle_timeout:
                 self._event("idle", slot=rec.slot, vm=vm.name)
                 rec.end_reason = "idle"
@@ -534,6 +541,7 @@ class Worker:
         )
         self._finish(bs, job.id, res)
         rec.items += 1
+        rec.boot_failures = 0
 
     def _finish(self, bs: Beanstalk, job_id: int, res: Result) -> None:
         body = res.encode()
