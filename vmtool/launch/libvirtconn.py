@@ -8,6 +8,7 @@ repeated launches share one.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from vmtool.errors import LaunchError
@@ -15,6 +16,10 @@ from vmtool.errors import LaunchError
 _lock = threading.Lock()
 _conns: dict[str, Any] = {}
 _loop_started = False
+# Lifecycle listeners by connection, then by domain name. libvirt refuses a second domain-less
+# registration of the same callback on one connection ("event callback already tracked"), so each
+# connection registers once and dispatches to the VM the event is about.
+_listeners: dict[int, dict[str, Callable[[int, int], None]]] = {}
 
 
 def libvirt_module() -> Any:
@@ -63,3 +68,25 @@ def connect(uri: str) -> Any:
                               hint="start libvirtd (and virtlogd), or give another --uri") from None
         _conns[uri] = conn
         return conn
+
+
+def watch_lifecycle(conn: Any, name: str, fn: Callable[[int, int], None]) -> None:
+    """Call fn(event, detail) for lifecycle events of domain `name` on `conn`."""
+    libvirt = libvirt_module()
+    with _lock:
+        table = _listeners.get(id(conn))
+        if table is None:
+            table = _listeners[id(conn)] = {}
+
+            def dispatch(_conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+                target = table.get(dom.name())
+                if target is not None:
+                    target(event, detail)
+
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, dispatch, None)
+        table[name] = fn
+
+
+def unwatch_lifecycle(conn: Any, name: str) -> None:
+    with _lock:
+        _listeners.get(id(conn), {}).pop(name, None)

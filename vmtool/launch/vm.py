@@ -26,7 +26,7 @@ from vmtool.domain.policy import HostFacts, Rendered, RenderOptions, render
 from vmtool.domain.slot import Slot, discover_slot
 from vmtool.errors import CgroupError, LaunchError, VmtoolError
 from vmtool.launch import cgroups
-from vmtool.launch.libvirtconn import connect, libvirt_module
+from vmtool.launch.libvirtconn import connect, libvirt_module, unwatch_lifecycle, watch_lifecycle
 
 log = logging.getLogger("vmtool.launch")
 
@@ -188,7 +188,7 @@ class RunningVM:
         self._dom: Any = None
         self._ended = threading.Event()
         self._stop_detail: int | None = None
-        self._callback_id: int | None = None
+        self._watching = False
         self._stats = VMStats()
         self._own_reason: ExitReason | None = None
         self._closed = False
@@ -201,18 +201,16 @@ class RunningVM:
 
     # -- start ----------------------------------------------------------------------------------------
 
-    def _on_event(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+    def _on_event(self, event: int, detail: int) -> None:
         libvirt = libvirt_module()
-        if dom.name() != self.name:
-            return
         if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
             self._stop_detail = detail
             self._ended.set()
 
     def _start(self) -> None:
         libvirt = libvirt_module()
-        self._callback_id = self._conn.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_event, None)
+        watch_lifecycle(self._conn, self.name, self._on_event)
+        self._watching = True
         try:
             # AUTODESTROY: should vmtool itself be killed (-9), libvirt destroys the VM when the
             # connection goes away, so a hard-killed job leaves no VM running.
@@ -385,7 +383,6 @@ class RunningVM:
         if self._closed:
             return
         self._closed = True
-        libvirt = libvirt_module()
         errors: list[str] = []
         try:
             if self._exists():
@@ -399,12 +396,9 @@ class RunningVM:
                 self.cgroup.remove()
             except CgroupError as e:
                 errors.append(e.message)
-        if self._callback_id is not None:
-            try:
-                self._conn.domainEventDeregisterAny(self._callback_id)
-            except libvirt.libvirtError:
-                pass
-            self._callback_id = None
+        if self._watching:
+            unwatch_lifecycle(self._conn, self.name)
+            self._watching = False
         log.debug("domain %s cleaned up", self.name)
         if errors:
             raise LaunchError("cleanup failed: " + "; ".join(errors))

@@ -23,18 +23,6 @@ from vmtool.run import run
 _LIBVIRT_LOCK = threading.Lock()
 
 
-def slot_uri(uri: str, slot: int) -> str:
-    """A libvirt URI that gives each VM slot its own cached connection in vmtool.launch.
-
-    Two VMs whose lifecycle callbacks are registered on one shared connection fail with libvirt's
-    "event callback already tracked"; a distinct URI (an ignored query parameter) gets each slot its
-    own connection. Slot 0 keeps the URI as given.
-    """
-    if slot == 0:
-        return uri
-    return f"{uri}{'&' if '?' in uri else '?'}vmtool_slot={slot}"
-
-
 @dataclass
 class ImageRef:
     manifest: Path
@@ -176,7 +164,7 @@ class VMFactory:
                 cpus=self.cpus,
                 memory_mib=self.memory_mib,
                 timeout=None,
-                uri=slot_uri(self.uri, slot),
+                uri=self.uri,
                 sandbox=d,
                 name=f"{self.name_prefix}{os.getpid()}-{slot}-{os.urandom(2).hex()}",
                 channels=((RELAY_PORT_NAME, sock),),
