@@ -120,7 +120,7 @@ def aws_errors(what: str, *, bucket: str | None = None) -> Iterator[None]:
         if code in DENIED_CODES or status == 403:
             raise PublishError(
                 f"cannot {what}: access denied ({code}: {msg})",
-                hint="the credentials lack a permission this step needs (see docs/publish.md)",
+                hint="the credentials lack a permission this step needs (see the README, 'Publishing images')",
             ) from None
         raise PublishError(f"cannot {what}: {code}: {msg}") from None
     except botocore.parsers.ResponseParserError:
@@ -244,7 +244,7 @@ class SnapshotImporter:
                 progress.close("failed")
                 raise PublishError(
                     f"the snapshot import {task_id} failed: {message or status}",
-                    hint="the vmimport service role needs read access to the bucket (see docs/publish.md)",
+                    hint="the vmimport service role needs read access to the bucket (see the README, 'Publishing images')",
                 )
             try:
                 pct = int(str(detail.get("Progress") or "0"))

@@ -18,7 +18,7 @@ from typing import Any
 
 from vmtool.errors import QueueError
 from vmtool.queue.agent import RELAY_PORT_NAME
-from vmtool.run import run
+from vmtool.stage.stage import make_overlay
 
 _LIBVIRT_LOCK = threading.Lock()
 
@@ -143,20 +143,7 @@ class VMFactory:
         d.mkdir(parents=True)
         try:
             overlay = d / "root.qcow2"
-            run(
-                [
-                    "qemu-img",
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-F",
-                    self.image.base_format,
-                    "-b",
-                    os.fspath(self.image.base),
-                    os.fspath(overlay),
-                ]
-            )
+            make_overlay(self.image.base, self.image.base_format, overlay)
             sock = d / "relay.sock"
             spec = LaunchSpec(
                 manifest=self.image.manifest,

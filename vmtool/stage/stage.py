@@ -98,7 +98,7 @@ def stage(
             base = cache.base_path(b.sha256, b.format)
             if not base.exists():
                 continue  # pruned between fetch and now: fetch again
-            _make_overlay(base, b.format, b.virtual_size, dest)
+            make_overlay(base, b.format, dest, b.virtual_size)
             cache.add_ref(b.sha256, dest)
             cache.touch(b.sha256)
         return StageResult(
@@ -243,8 +243,12 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _make_overlay(base: Path, fmt: str, vsize: int, dest: Path) -> None:
-    # -u: do not open the base (it was verified on entry to the cache); size and format are explicit.
+def make_overlay(base: Path, fmt: str, dest: Path, vsize: int | None = None) -> None:
+    """A qcow2 overlay at `dest` (written under a temporary name, then renamed) backed by `base`.
+
+    With `vsize` the base is not opened at all (-u: it was verified on entry to the cache); without it
+    qemu-img opens the base read-only to learn its size. The backing format is always explicit.
+    """
     try:
         with atomic_path(dest, mode=0o644) as tmp:
             run(
@@ -252,7 +256,7 @@ def _make_overlay(base: Path, fmt: str, vsize: int, dest: Path) -> None:
                     "qemu-img",
                     "create",
                     "-q",
-                    "-u",
+                    *([] if vsize is None else ["-u"]),
                     "-f",
                     "qcow2",
                     "-F",
@@ -260,7 +264,7 @@ def _make_overlay(base: Path, fmt: str, vsize: int, dest: Path) -> None:
                     "-b",
                     os.fspath(base),
                     os.fspath(tmp),
-                    str(vsize),
+                    *([] if vsize is None else [str(vsize)]),
                 ],
                 timeout=60,
             )
