@@ -2,7 +2,7 @@
 """Benchmark `vmtool launch` (issue 4): wall time from starting `vmtool launch` to the guest's poweroff
 (the process's exit, cleanup included), over the wall time of `qemu-system-x86_64` booting the same
 guest - same kernel, initrd, command line, qcow2 overlay, memory, NIC and accelerator - directly.
-Limit 1.15. Median of 3 of each (BENCH_LAUNCH_RUNS), in ABBA order (v q q v v q) so load from
+Limit 1.15. Median of 5 of each (BENCH_LAUNCH_RUNS), in ABBA order (v q q v v q) so load from
 elsewhere hits both alike.
 
 vmtool runs as a job would: in a fake slot cgroup (made here in each cgroup v1 hierarchy, removed
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from tests.fixtures.libvirtd import FakeSlot, _v1_writable, make_guest, shared_libvirtd  # noqa: E402
 from vmtool.run import DEVNULL, run, spawn  # noqa: E402
 
-RUNS = int(os.environ.get("BENCH_LAUNCH_RUNS", "3"))
+RUNS = int(os.environ.get("BENCH_LAUNCH_RUNS", "5"))
 LIMIT = 1.15
 MEMORY_MIB = 512
 URI = "qemu:///system"
