@@ -5,88 +5,35 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.beanstalk import BeanstalkServer, free_port
+from tests.fixtures.beanstalk import BeanstalkServer
+from tests.fixtures.stage import SshServer
 from vmtool.cli.main import main
 from vmtool.errors import QueueError
 from vmtool.queue.beanstalk import Beanstalk
 from vmtool.queue.items import Result
-from vmtool.run import DEVNULL, PIPE, Popen, run, spawn
+from vmtool.run import run
 
 pytestmark = pytest.mark.queue
 
 
-class SSHD:
-    def __init__(self, d: Path) -> None:
-        d.mkdir(mode=0o700)
-        self.dir = d
-        self.port = free_port()
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.fspath(d / "host_key")])
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.fspath(d / "user_key")])
-        shutil.copy(d / "user_key.pub", d / "authorized_keys")
-        os.chmod(d / "authorized_keys", 0o600)
-        host_pub = (d / "host_key.pub").read_text().split()
-        self.known_hosts = d / "known_hosts"
-        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
-        (d / "sshd_config").write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\n"
-            f"AuthorizedKeysFile {d / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
-            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nAllowTcpForwarding yes\n"
-            f"PidFile {d / 'sshd.pid'}\nStrictModes no\nLogLevel ERROR\n"
-        )
-        self.proc: Popen[bytes] = spawn(
-            ["/usr/sbin/sshd", "-D", "-e", "-f", os.fspath(d / "sshd_config")], stdout=DEVNULL, stderr=PIPE
-        )
-        end = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > end:
-                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                    raise RuntimeError(f"sshd did not start: {err}") from None
-                time.sleep(0.05)
-
-    @property
-    def via(self) -> str:
-        return f"ssh://root@127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        if self.proc.stderr:
-            self.proc.stderr.close()
-
-
-@pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[SSHD]:
-    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/sshd"):
-        pytest.skip("needs root and openssh-server to run a private sshd")
-    s = SSHD(tmp_path / "sshd")
-    try:
-        yield s
-    finally:
-        s.stop()
+def via_url(sshd: SshServer) -> str:
+    return f"ssh://{sshd.user}@127.0.0.1:{sshd.port}"
 
 
 def test_put_results_stats_through_an_ssh_tunnel(
-    beanstalkd: BeanstalkServer, sshd: SSHD, capsys: pytest.CaptureFixture[str]
+    beanstalkd: BeanstalkServer, sshd: SshServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     via = [
         "--via",
-        sshd.via,
+        via_url(sshd),
         "--known-hosts",
         os.fspath(sshd.known_hosts),
         "--identity",
-        os.fspath(sshd.dir / "user_key"),
+        os.fspath(sshd.key),
         "--server",
         beanstalkd.server,
     ]
@@ -104,15 +51,15 @@ def test_put_results_stats_through_an_ssh_tunnel(
 
 
 def test_tunnel_refuses_unknown_and_changed_host_keys(
-    beanstalkd: BeanstalkServer, sshd: SSHD, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    beanstalkd: BeanstalkServer, sshd: SshServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     base = [
         "queue",
         "put",
         "--via",
-        sshd.via,
+        via_url(sshd),
         "--identity",
-        os.fspath(sshd.dir / "user_key"),
+        os.fspath(sshd.key),
         "--server",
         beanstalkd.server,
         "--tube",
