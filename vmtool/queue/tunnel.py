@@ -58,52 +58,38 @@ class SSHTunnel:
         self.local: tuple[str, int] = ("127.0.0.1", 0)
 
     def open(self) -> tuple[str, int]:
-        import paramiko
+        from vmtool import ssh
 
-        client = paramiko.SSHClient()
-        try:
-            client.load_system_host_keys()
-        except OSError:
-            pass
         kh = self.known_hosts or Path(os.path.expanduser("~/.ssh/known_hosts"))
-        if kh.exists():
-            try:
-                client.load_host_keys(os.fspath(kh))
-            except (OSError, paramiko.SSHException) as e:
-                raise QueueError(f"cannot read known hosts file {kh}: {e}") from None
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
-            client.connect(
+            client = ssh.connect(
                 self.host,
-                port=self.port,
-                username=self.user,
-                key_filename=os.fspath(self.identity) if self.identity else None,
+                self.port,
+                self.user,
+                known_hosts=kh,
+                identity=os.fspath(self.identity) if self.identity else None,
                 timeout=self.timeout,
-                banner_timeout=self.timeout,
-                auth_timeout=self.timeout,
-                allow_agent=self.identity is None,
-                look_for_keys=self.identity is None,
             )
-        except paramiko.BadHostKeyException:
-            client.close()
+        except ssh.SshConnectError as e:
+            if e.kind == ssh.MISSING:
+                raise QueueError("--via ssh:// needs paramiko", hint="pip install paramiko") from None
+            if e.kind == ssh.KNOWN_HOSTS:
+                raise QueueError(f"cannot read known hosts file {kh}: {e.detail}") from None
+            if e.kind == ssh.CHANGED_KEY:
+                raise QueueError(
+                    f"the host key of {self.host}:{self.port} does not match known_hosts",
+                    hint="someone may be intercepting the connection; check the key with the host's admin",
+                ) from None
+            if e.kind in (ssh.RESOLVE, ssh.UNREACHABLE):
+                raise QueueError(f"cannot reach ssh server {self.host}:{self.port}: {e.detail}") from None
             raise QueueError(
-                f"the host key of {self.host}:{self.port} does not match known_hosts",
-                hint="someone may be intercepting the connection; check the key with the host's admin",
-            ) from None
-        except paramiko.SSHException as e:
-            client.close()
-            unknown = "not found in known_hosts" in str(e)
-            raise QueueError(
-                f"ssh to {self.host}:{self.port} failed: {e}",
+                f"ssh to {self.host}:{self.port} failed: {e.detail}",
                 hint=(
                     f"add the host key to {kh} (ssh-keyscan -p {self.port} {self.host})"
-                    if unknown
+                    if e.kind == ssh.UNKNOWN_KEY
                     else "check the user, key (--identity) and that sshd allows TCP forwarding"
                 ),
             ) from None
-        except OSError as e:
-            client.close()
-            raise QueueError(f"cannot reach ssh server {self.host}:{self.port}: {e}") from None
         self._client = client
         lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

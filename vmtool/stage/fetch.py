@@ -14,12 +14,14 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from vmtool.errors import TransferFailed
 from vmtool.log import Progress
 
 if TYPE_CHECKING:
+    from vmtool.ssh import SshConnectError
     from vmtool.stage.sources import Source
 
 CHUNK = 1 << 20
@@ -402,95 +404,65 @@ def _fetch_s3(src: Source, sink: Sink) -> int:
 # --- sftp ----------------------------------------------------------------------------------------
 
 
+def _ssh_error(host: str, e: SshConnectError) -> TransferFailed:
+    from vmtool import ssh
+
+    def auth(message: str, hint: str) -> TransferFailed:
+        return TransferFailed(
+            message, error_type="Authorization", server=host, failure_type="Authentication", hint=hint
+        )
+
+    if e.kind == ssh.MISSING:
+        return TransferFailed(
+            "sftp:// sources need paramiko",
+            error_type="Parameter",
+            hint="pip install paramiko (it is in vmtool's dependencies)",
+        )
+    if e.kind == ssh.KNOWN_HOSTS:
+        return TransferFailed(f"cannot read known_hosts: {e.detail}", error_type="Parameter")
+    if e.kind == ssh.CHANGED_KEY:
+        return auth(
+            f"{host}: host key does not match known_hosts (possible attack)",
+            "verify the server's key, then fix known_hosts",
+        )
+    if e.kind == ssh.AUTH:
+        return auth(f"{host}: SSH authentication failed", "check the user and key (VMTOOL_SSH_KEY)")
+    if e.kind == ssh.UNKNOWN_KEY:
+        return auth(
+            f"{host}: host key is not in known_hosts",
+            "add it to known_hosts (ssh-keyscan, checked out of band) or pass --accept-new-host-key",
+        )
+    if e.kind == ssh.RESOLVE:
+        return TransferFailed(
+            f"cannot resolve host {host!r}", error_type="Resolution", server=host, failure_type="Definitive"
+        )
+    if e.kind == ssh.UNREACHABLE:
+        return TransferFailed(f"cannot reach {host}: {e.detail}", error_type="Contact", server=host)
+    return TransferFailed(f"{host}: SSH error: {e.detail}", error_type="Contact", server=host)
+
+
 class _SftpSession:
     def __init__(self, src: Source) -> None:
         self.src = src
         self.client: Any = None
 
     def __enter__(self) -> Any:
-        try:
-            import paramiko
-        except ImportError:
-            raise TransferFailed(
-                "sftp:// sources need paramiko",
-                error_type="Parameter",
-                hint="pip install paramiko (it is in vmtool's dependencies)",
-            ) from None
+        from vmtool import ssh
+
         src = self.src
-        client = paramiko.SSHClient()
-        known = os.environ.get("VMTOOL_KNOWN_HOSTS") or os.path.expanduser("~/.ssh/known_hosts")
+        known = Path(os.environ.get("VMTOOL_KNOWN_HOSTS") or os.path.expanduser("~/.ssh/known_hosts"))
         try:
-            client.load_system_host_keys()
-            if os.path.exists(known):
-                client.load_host_keys(known)
-        except (OSError, paramiko.SSHException) as e:
-            raise TransferFailed(f"cannot read known_hosts: {e}", error_type="Parameter") from None
-        if src.accept_new_host_key:
-            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-        else:
-            client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        key = os.environ.get("VMTOOL_SSH_KEY")
-        try:
-            client.connect(
+            client = ssh.connect(
                 src.host,
-                port=src.port or 22,
-                username=src.user or None,
-                key_filename=key or None,
+                src.port or 22,
+                src.user,
+                known_hosts=known,
+                identity=os.environ.get("VMTOOL_SSH_KEY"),
                 timeout=IO_TIMEOUT,
-                banner_timeout=IO_TIMEOUT,
-                auth_timeout=IO_TIMEOUT,
-                allow_agent=not key,
-                look_for_keys=not key,
+                accept_new_host_key=src.accept_new_host_key,
             )
-        except paramiko.BadHostKeyException:
-            client.close()
-            raise TransferFailed(
-                f"{src.host}: host key does not match known_hosts (possible attack)",
-                error_type="Authorization",
-                server=src.host,
-                failure_type="Authentication",
-                hint="verify the server's key, then fix known_hosts",
-            ) from None
-        except paramiko.AuthenticationException:
-            client.close()
-            raise TransferFailed(
-                f"{src.host}: SSH authentication failed",
-                error_type="Authorization",
-                server=src.host,
-                failure_type="Authentication",
-                hint="check the user and key (VMTOOL_SSH_KEY)",
-            ) from None
-        except paramiko.SSHException as e:
-            client.close()
-            if "not found in known_hosts" in str(e):
-                raise TransferFailed(
-                    f"{src.host}: host key is not in known_hosts",
-                    error_type="Authorization",
-                    server=src.host,
-                    failure_type="Authentication",
-                    hint="add it to known_hosts (ssh-keyscan, checked out of band) or pass --accept-new-host-key",
-                ) from None
-            raise TransferFailed(
-                f"{src.host}: SSH error: {e}", error_type="Contact", server=src.host
-            ) from None
-        except socket.gaierror:
-            client.close()
-            raise TransferFailed(
-                f"cannot resolve host {src.host!r}",
-                error_type="Resolution",
-                server=src.host,
-                failure_type="Definitive",
-            ) from None
-        except OSError as e:
-            client.close()
-            raise TransferFailed(
-                f"cannot reach {src.host}: {e.strerror or e}", error_type="Contact", server=src.host
-            ) from None
-        if src.accept_new_host_key and os.path.isdir(os.path.dirname(known)):
-            try:
-                client.save_host_keys(known)
-            except OSError:
-                pass
+        except ssh.SshConnectError as e:
+            raise _ssh_error(src.host, e) from None
         self.client = client
         return client.open_sftp()
 
