@@ -58,10 +58,36 @@ def test_compose_overlays_only_changed_blocks_and_hashes_the_result(tmp_path: Pa
     changed = changed_ranges(meta0, meta, K)
     assert changed == [(K, K), (900 * K, K)]
     out = tmp_path / "out"
-    digest = compose(src, [(size, size)], meta, out, changed)
+    digest = compose(src, [(size, size)], meta, out, changed).get()
     want = bytearray(base)
     want[K : 2 * K] = b"L" * K
     want[900 * K : 901 * K] = b"N" * K
     got = out.read_bytes()
     assert got == bytes(want)  # padding zeros in meta did not clobber source data
     assert digest == hashlib.sha256(got).hexdigest()
+
+
+def test_compose_digest_can_be_cancelled_and_its_thread_ends(tmp_path: Path) -> None:
+    # A build that fails after the copy must not leave the hash thread working on a deleted file.
+    import threading
+
+    size = 64 << 30  # a 64 GiB hole after 4 KiB of data: about half a minute of hashing
+    src = tmp_path / "disk"
+    _sparse(src, size, {0: os.urandom(4 * K)})
+    meta = tmp_path / "meta"
+    _sparse(meta, size, {0: b"L" * K})
+    before = {t for t in threading.enumerate() if t.name == "vmtool-rootfs-sha256"}
+    pending = compose(src, [(0, size)], meta, tmp_path / "out", [(0, K)])
+    pending.cancel()
+    for t in set(threading.enumerate()) - before:
+        if t.name == "vmtool-rootfs-sha256":
+            t.join(timeout=5)
+            assert not t.is_alive(), "the hash thread went on after cancel()"
+    # get() is the real digest and stays the same on a second call.
+    small = 4 << 20
+    _sparse(src, small, {})
+    os.truncate(src, small)
+    os.truncate(meta, small)
+    pending2 = compose(src, [(0, small)], meta, tmp_path / "out2", [(0, K)])
+    want = hashlib.sha256((tmp_path / "out2").read_bytes()).hexdigest()
+    assert pending2.get() == want == pending2.get()

@@ -20,7 +20,14 @@ from vmtool.errors import CommandError, ImageError, VmtoolError
 from vmtool.fsutil import atomic_dir, os_error
 from vmtool.image import fstab as fstabmod
 from vmtool.image.extfs import ExtFs
-from vmtool.image.extract import allocated_bytes, changed_ranges, compose, extract, sparse_clone
+from vmtool.image.extract import (
+    PendingDigest,
+    allocated_bytes,
+    changed_ranges,
+    compose,
+    extract,
+    sparse_clone,
+)
 from vmtool.image.fs import LABEL_MAX, probe
 from vmtool.image.inspect import (
     EXT_TYPES,
@@ -216,8 +223,10 @@ def _build_in(
         label = opts.label or DEFAULT_LABEL
         check_label(label, root.fstype, explicit=opts.label is not None)
         rootfs = tmp / "rootfs.img"
+        digest: PendingDigest | None = None
+        boot_sha: tuple[str, str] | None = None
         if backend == "native":
-            kernel, kpath, ipath, fstab_before, fstab_after, digest = _native(
+            kernel, kpath, ipath, fstab_before, fstab_after, digest, boot_sha = _native(
                 layout, raw, rootfs, tmp, label, keys, extra_files, opts.kernel_version, materialized
             )
         else:
@@ -232,62 +241,70 @@ def _build_in(
                 files=extra_files,
                 kernel_version=opts.kernel_version,
             )
-            digest = None
         for p in materialized.values():
             p.unlink(missing_ok=True)
-    rootfs_uuid, rootfs_type = _fs_identity(rootfs)
-    virtual = os.path.getsize(rootfs)
-    final = rootfs
-    if opts.rootfs_format == "qcow2":
-        final = tmp / "rootfs.qcow2"
-        run(
-            ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", os.fspath(rootfs), os.fspath(final)],
-            hint="check free space beside the output directory",
+    # On a native build the rootfs sha256 is still being finished on its thread: it is collected last.
+    try:
+        rootfs_uuid, rootfs_type = _fs_identity(rootfs)
+        virtual = os.path.getsize(rootfs)
+        final = rootfs
+        if opts.rootfs_format == "qcow2":
+            if digest is not None:  # it is the raw file's: the qcow2 file is hashed instead
+                digest.cancel()
+                digest = None
+            final = tmp / "rootfs.qcow2"
+            run(
+                ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", os.fspath(rootfs), os.fspath(final)],
+                hint="check free space beside the output directory",
+            )
+            rootfs.unlink()
+        # Hash the rootfs on one core while its pages are written back (fsync) and the small files hashed.
+        rootfs_hash = BackgroundHash(final, cache=False) if digest is None else None
+        _fsync(final, kpath, ipath)  # durable before the rename that publishes them
+        k_sha, i_sha = boot_sha or (sha256_file(kpath, sparse=False), sha256_file(ipath, sparse=False))
+        manifest = Manifest(
+            source=SourceInfo(os.fspath(src.path.resolve()), src.format, src.size, src_hash.get()),
+            rootfs=RootfsInfo(
+                final.name,
+                opts.rootfs_format,
+                rootfs_type,
+                label,
+                rootfs_uuid,
+                virtual,
+                allocated_bytes(final),
+                rootfs_hash.get() if rootfs_hash else digest.get() if digest else "",
+            ),
+            kernel=BootFile(kpath.name, kernel.version, k_sha),
+            initrd=BootFile(ipath.name, kernel.version, i_sha),
+            cmdline=f"root=LABEL={label} ro console=ttyS0",
+            fstab_before=fstab_before,
+            fstab_after=fstab_after,
+            created=datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat(),
+            vmtool_version=__version__,
+            agent=agent_info,
+            extra={
+                "build": {
+                    "backend": backend,
+                    "backend_reason": reason,
+                    "root": root.name,
+                    "root_reason": layout.root_reason,
+                    "boot": layout.boot.name if layout.boot else None,
+                    "boot_reason": layout.boot_reason,
+                }
+            },
+            base_dir=tmp,
         )
-        rootfs.unlink()
-    # Hash the rootfs on one core while its pages are written back (fsync) and the small files hashed.
-    rootfs_hash = BackgroundHash(final, cache=False) if digest is None or final != rootfs else None
-    _fsync(final, kpath, ipath)  # durable before the rename that publishes them
-    k_sha, i_sha = sha256_file(kpath, sparse=False), sha256_file(ipath, sparse=False)
-    manifest = Manifest(
-        source=SourceInfo(os.fspath(src.path.resolve()), src.format, src.size, src_hash.get()),
-        rootfs=RootfsInfo(
-            final.name,
-            opts.rootfs_format,
-            rootfs_type,
-            label,
-            rootfs_uuid,
-            virtual,
-            allocated_bytes(final),
-            rootfs_hash.get() if rootfs_hash else str(digest),
-        ),
-        kernel=BootFile(kpath.name, kernel.version, k_sha),
-        initrd=BootFile(ipath.name, kernel.version, i_sha),
-        cmdline=f"root=LABEL={label} ro console=ttyS0",
-        fstab_before=fstab_before,
-        fstab_after=fstab_after,
-        created=datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat(),
-        vmtool_version=__version__,
-        agent=agent_info,
-        extra={
-            "build": {
-                "backend": backend,
-                "backend_reason": reason,
-                "root": root.name,
-                "root_reason": layout.root_reason,
-                "boot": layout.boot.name if layout.boot else None,
-                "boot_reason": layout.boot_reason,
-            }
-        },
-        base_dir=tmp,
-    )
-    mpath = tmp / "manifest.json"
-    manifest.save(mpath)
-    if opts.disk:
-        manifest.disk = _assemble(mpath, tmp, opts.disk_format)
+        mpath = tmp / "manifest.json"
         manifest.save(mpath)
-    manifest.base_dir = outdir
-    return Result(manifest, backend, reason, outdir)
+        if opts.disk:
+            manifest.disk = _assemble(mpath, tmp, opts.disk_format)
+            manifest.save(mpath)
+        manifest.base_dir = outdir
+        return Result(manifest, backend, reason, outdir)
+    except BaseException:
+        if digest is not None:
+            digest.cancel()
+        raise
 
 
 def _fsync(*paths: Path) -> None:
@@ -336,8 +353,9 @@ def _native(
     extra: dict[str, tuple[bytes, int]],
     kernel_version: str | None,
     materialized: dict[str, Path],
-) -> tuple[Kernel, Path, Path, str | None, str, str | None]:
-    """Returns kernel, its files, fstab before/after, and the rootfs sha256 if it was hashed on the way."""
+) -> tuple[Kernel, Path, Path, str | None, str, PendingDigest | None, tuple[str, str]]:
+    """Returns kernel, its files, fstab before/after, the rootfs sha256 if it is hashed on the way,
+    and the sha256 of the kernel and the initrd."""
     root = layout.root
     assert root is not None
     # Pick the kernel before the long copy, so a disk without one fails fast.
@@ -363,6 +381,7 @@ def _native(
         by_fs.setdefault(id(fs), (fs, []))[1].append((rel, host))
     # The kernel and initrd are copied out on a thread while the root volume is copied.
     dump_errors: list[BaseException] = []
+    boot_sha: list[str] = []
 
     def dump() -> None:
         try:
@@ -370,6 +389,7 @@ def _native(
                 fs.dump(files_out)
             for host in (kpath, ipath):
                 os.chmod(host, 0o644)
+                boot_sha.append(sha256_file(host, sparse=False))
         except BaseException as e:  # re-raised below, in the main thread
             dump_errors.append(e)
 
@@ -380,11 +400,13 @@ def _native(
     finally:
         dumper.join()
     if dump_errors:
+        if result[2] is not None:
+            result[2].cancel()
         if isinstance(dump_errors[0], OSError):
             raise os_error(dump_errors[0], "copying the kernel") from None
         raise dump_errors[0]
     before, after, digest = result
-    return kernel, kpath, ipath, before, after, digest
+    return kernel, kpath, ipath, before, after, digest, (boot_sha[0], boot_sha[1])
 
 
 def _root_volume(
@@ -397,8 +419,8 @@ def _root_volume(
     extra: dict[str, tuple[bytes, int]],
     root_src: ExtFs,
     extracted: bool,
-) -> tuple[str | None, str, str | None]:
-    """Copy and change the root filesystem; returns fstab before/after and the sha256 if already known."""
+) -> tuple[str | None, str, PendingDigest | None]:
+    """Copy and change the root filesystem; returns fstab before/after and the sha256 if hashed on the way."""
     root = layout.root
     assert root is not None
     before = layout.fstab if layout.fstab_read else read_fstab(guest_tree(root_src, None))
@@ -420,7 +442,7 @@ def _root_volume(
 
 def _overlay_build(
     raw: Path, root: Volume, rootfs: Path, tmp: Path, files: dict[str, tuple[bytes, int]], label: str
-) -> str | None:
+) -> PendingDigest | None:
     """One pass over the root volume: changes made first on an `e2image -r` metadata copy, then the
     volume copied with the changed blocks laid over it and hashed as it is written. None: not possible
     here (the caller then copies first and changes the copy)."""
@@ -452,17 +474,22 @@ def _overlay_build(
     finally:
         meta.unlink(missing_ok=True)
         meta0.unlink(missing_ok=True)
-    # Check the result the way a reader will see it: the files as written, the label in the superblock.
-    out = ExtFs(rootfs, name="the new root filesystem")
-    for gpath, (content, _mode) in files.items():
-        if out.cat(gpath) != content:
-            raise ImageError(
-                f"{gpath} did not survive the copy of the root filesystem", hint="report this bug"
-            )
-    with open(rootfs, "rb") as f:
-        fs = probe(f, 0, root.size)
-    if fs is None or fs.label != label:
-        raise ImageError("the new root filesystem lost its label in the copy", hint="report this bug")
+    # Check the result the way a reader will see it (the files as written, the label in the
+    # superblock) while the hash thread finishes.
+    try:
+        out = ExtFs(rootfs, name="the new root filesystem")
+        for gpath, (content, _mode) in files.items():
+            if out.cat(gpath) != content:
+                raise ImageError(
+                    f"{gpath} did not survive the copy of the root filesystem", hint="report this bug"
+                )
+        with open(rootfs, "rb") as f:
+            fs = probe(f, 0, root.size)
+        if fs is None or fs.label != label:
+            raise ImageError("the new root filesystem lost its label in the copy", hint="report this bug")
+    except BaseException:
+        digest.cancel()
+        raise
     return digest
 
 

@@ -142,6 +142,7 @@ class _Hasher:
         self.h = hashlib.sha256()
         self.q: queue.Queue[bytes | int | None] = queue.Queue(maxsize=16)
         self.error: BaseException | None = None
+        self.stopped = threading.Event()
         self.t = threading.Thread(target=self._run, name="vmtool-rootfs-sha256", daemon=True)
         self.t.start()
 
@@ -153,7 +154,7 @@ class _Hasher:
                 if item is None:
                     return
                 if isinstance(item, int):
-                    while item > 0:
+                    while item > 0 and not self.stopped.is_set():
                         k = min(item, CHUNK)
                         self.h.update(zero if k == CHUNK else zero[:k])
                         item -= k
@@ -196,7 +197,8 @@ class _Hasher:
     def abort(self) -> None:
         import queue
 
-        # drop what is queued so the thread reaches the end marker at once
+        # drop what is queued so the thread reaches the end marker at once, and cut a long hole short
+        self.stopped.set()
         while True:
             try:
                 self.q.get_nowait()
@@ -258,10 +260,10 @@ def compose(
     changed: list[tuple[int, int]],
     *,
     label: str = "extracting",
-) -> str:
+) -> PendingDigest:
     """Write the volume `pieces` of `src` to the new file `out` with the `changed` ranges taken from
     `overlay` (a file of the same size), sparse, and return the sha256 of the result, hashed while it
-    is written.
+    is written (PendingDigest.get() waits for the last of it).
 
     This is how the native backend avoids a second pass over the root filesystem: the changes (fstab,
     keys, label) are made first on `overlay`, an `e2image -r` metadata-only copy of the filesystem, and
@@ -329,7 +331,26 @@ def compose(
         hasher.abort()
         raise
     progress.close()
-    return hasher.hexdigest()
+    # The copy runs at most the queue's length ahead of the hash: the caller checks and syncs the new
+    # file while the hash thread finishes, and asks for the digest last.
+    return PendingDigest(hasher)
+
+
+class PendingDigest:
+    """The sha256 of a file written by compose(), finished on its own thread."""
+
+    def __init__(self, hasher: _Hasher) -> None:
+        self._hasher = hasher
+        self._value: str | None = None
+
+    def get(self) -> str:
+        if self._value is None:
+            self._value = self._hasher.hexdigest()
+        return self._value
+
+    def cancel(self) -> None:
+        if self._value is None:
+            self._hasher.abort()
 
 
 class _Flusher:
