@@ -164,6 +164,9 @@ def main() -> int:
             "(manifest rootfs.sha256; hashed while copying, on a second core)",
             f"build: sha256 of the rootfs's {rootfs_alloc // MiB} MiB of data alone (as if the LV were full) "
             f"{data_sha_t:.2f} s = {data_sha_t / cp_t:.2f} x cp",
+            # The same work done by hand: the copy, then the checksum the manifest records.
+            f"build: native {nat_t:.2f} s / (cp --sparse=always {cp_t:.2f} s + sha256 of rootfs.img {sha_t:.2f} s)"
+            f" = {nat_t / (cp_t + sha_t):.2f}",
         ]
         if not args.no_guestfs:
             g_t = timed([*vmtool, "build", str(disk), "-o", str(work / "gout"), "--backend", "guestfs"])
