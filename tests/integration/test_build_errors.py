@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.images import whole_disk
+from tests.fixtures.images import tree_with_host_kernel, whole_disk
 from vmtool.cli.main import main
 from vmtool.image import lvm
-from vmtool.images.default import newest_host_kernel
 from vmtool.images.disk import sparse_copy_into
 from vmtool.run import run
 
@@ -183,11 +182,7 @@ def test_no_root_filesystem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 def test_several_candidate_roots_then_root_option(
     guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    tree = tmp_path / "tree"
-    shutil.copytree(guest_tree_dir, tree, symlinks=True)
-    k, i, ver = newest_host_kernel()
-    shutil.copyfile(k, tree / f"boot/vmlinuz-{ver}")
-    shutil.copyfile(i, tree / f"boot/initrd.img-{ver}")
+    tree = tree_with_host_kernel(guest_tree_dir, tmp_path / "tree")
     disk = _gpt_disk(tmp_path, [_fs(tmp_path, "a", tree), _fs(tmp_path, "b", tree)])
     msg = build_fails(capsys, disk, tmp_path, "several candidate root filesystems")
     assert "/dev/sda1 (ext4)" in msg and "/dev/sda2 (ext4)" in msg

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.images import whole_disk
+from tests.fixtures.images import tree_with_host_kernel, whole_disk
 from vmtool.cli.main import main
 from vmtool.images.default import newest_host_kernel
 from vmtool.run import run
@@ -240,16 +240,10 @@ def test_bare_filesystem_disk(
     guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A disk that is one filesystem with no partition table (root with /boot inside)."""
-    import shutil
-
-    tree = tmp_path / "tree"
-    shutil.copytree(guest_tree_dir, tree, symlinks=True)
-    k, i, ver = newest_host_kernel()
-    shutil.copyfile(k, tree / f"boot/vmlinuz-{ver}")
-    shutil.copyfile(i, tree / f"boot/initrd.img-{ver}")
+    tree = tree_with_host_kernel(guest_tree_dir, tmp_path / "tree")
     run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), str(tmp_path / "fs.img"), "96M"])
     m = build(capsys, str(tmp_path / "fs.img"), "-o", str(tmp_path / "out"))
-    assert m["build"]["root"] == "/dev/sda" and m["kernel"]["version"] == ver
+    assert m["build"]["root"] == "/dev/sda" and m["kernel"]["version"] == newest_host_kernel()[2]
 
 
 def test_sparse_extraction_keeps_holes(

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.cloud import MotoServer
+from tests.fixtures.servers import self_signed_cert
 from vmtool import manifest as manifest_mod
 from vmtool.cli.main import main
 from vmtool.errors import PublishError
@@ -24,24 +25,7 @@ pytestmark = pytest.mark.cloud
 
 def _keypair(d: Path, name: str) -> tuple[Path, Path]:
     key, crt = d / f"{name}.key", d / f"{name}.crt"
-    run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            os.fspath(key),
-            "-out",
-            os.fspath(crt),
-            "-subj",
-            f"/CN={name}",
-            "-days",
-            "2",
-        ]
-    )
+    self_signed_cert(key, crt, name)
     return key, crt
 
 
