@@ -3,8 +3,12 @@
 
 Measured in this run (the model has no other inputs; the image size and the item length are settings):
   * one warm `vmtool stage` process (median of 5): startup, HEAD, index hit, overlay;
-  * fetch throughput of whole `vmtool stage` processes: one alone and 4 at once, from the origin
-    directly and from a real Squid holding the image (Debian's squid, tests/fixtures/squid.py);
+  * fetch throughput of whole `vmtool stage` processes: one alone and 8 at once (--nodes), from the
+    origin directly and from a real Squid holding the image (Debian's squid, tests/fixtures/squid.py).
+    The aggregate is taken at the validation's concurrency because on a shared machine the CPU share
+    a group of processes gets grows with its size (CFS shares cores among all runnable tasks), so a
+    figure taken with 4 says little about 8 here; what the validation tests is everything else: the
+    collapsed miss through Squid, the lock, the processes' own work, the bytes;
   * the queue layer's operations per second: a real beanstalkd driven by vmtool's queue client the
     way a worker drives it (put, reserve, stats-job, put result, delete);
   * the boot time of a real guest under qemu (TCG here), once; `--boot-seconds S` gives it instead.
@@ -18,8 +22,8 @@ it must be within 25 %.
 Prediction: N nodes x M slots (10, 100, 1000 x 8), with and without a site Squid: the time until
 every slot runs a VM, the bytes served by the origin and by Squid, and beanstalkd operations per
 second at the peak (each VM takes an item every --item-seconds). Nodes are separate machines: each
-fetches at most as fast as one stager does here, the origin serves at most what it served 4 stagers
-here, the Squid at most what it served 4 stagers here. Prints the table (docs/scale.md) and lines for
+fetches at most as fast as one stager does here, the origin serves at most what it served 8 stagers
+here, the Squid at most what it served 8 stagers here (first table), or a given link speed (second). Prints the table (docs/scale.md) and lines for
 bench/RESULTS.md. Exits 1 if the validation error is over 25 %.
 """
 
@@ -47,11 +51,13 @@ sys.path.insert(0, str(ROOT))
 import simpy  # noqa: E402
 
 from tests.fixtures.squid import Origin, Squid, env_for, run_origin  # noqa: E402
+from vmtool.errors import VmtoolError  # noqa: E402
 from vmtool.run import PIPE, Popen, spawn  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
 LIMIT = 0.25
+BOOT_FALLBACK = 13.7  # s: bench/launch.py's qemu-direct median under TCG (bench/RESULTS.md, launch)
 ROUNDS = int(os.environ.get("BENCH_SCALE_ROUNDS", "3"))
 OPS_PER_ITEM = 5  # reserve, stats-job, put result, delete, and the producer's put
 
@@ -96,9 +102,9 @@ class Figures:
     ncores: int
     t_warm: float  # s, one warm stage process
     r1_direct: float  # B/s, one stager alone from the origin (fetch part only)
-    agg_direct: float  # B/s, what the origin delivered to 4 stagers at once
+    agg_direct: float  # B/s, what the origin delivered to --nodes stagers at once
     r1_squid: float  # B/s, one stager alone from a Squid holding the image
-    agg_squid: float  # B/s, what the Squid delivered to 4 stagers at once
+    agg_squid: float  # B/s, what the Squid delivered to --nodes stagers at once
     queue_ops: float  # beanstalkd operations/s through vmtool's client
     boot: float  # s, one guest boot
     boot_how: str
@@ -186,8 +192,8 @@ def measure_boot(work: Path) -> float:
     emulator = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
     try:
         return float(launch.time_qemu(None, emulator, accel, manifest, img, work / "guest"))
-    except SystemExit:
-        if accel == "kvm":  # /dev/kvm exists but does not work for guests here
+    except (SystemExit, VmtoolError):
+        if accel == "kvm":  # /dev/kvm exists but does not work for guests here (nested, no MSRs)
             return float(launch.time_qemu(None, emulator, "tcg", manifest, img, work / "guest"))
         raise
 
@@ -340,9 +346,12 @@ def simulate(sc: Scenario, fig: Figures) -> Outcome:
         first = "image" not in upstream
         if first:
             # The first miss: Squid fetches from the origin once; concurrent misses collapse onto it.
+            # On this one machine that fetch is part of the calibrated through-squid rate already.
             origin_bytes += size
             per, cap = direct
-            upstream["image"] = net.transfer(size * per, cap, [origin_l])
+            upstream["image"] = (
+                net.transfer(size * per, cap, [origin_l]) if not sc.host_mode else env.timeout(0)
+            )
         per, cap = via_squid
         own = net.transfer(size * per, cap, [squid_l])
         yield own & upstream["image"]
@@ -418,59 +427,74 @@ def _delayed(
 # --- the run ------------------------------------------------------------------------------------------
 
 
-def measure_all(work: Path, origin: Origin, squid: Squid, size: int, boot: float | None) -> Figures:
+def measure_and_validate(
+    work: Path, origin: Origin, squid: Squid, size: int, boot: float | None, nodes: int, slots: int
+) -> tuple[Figures, list[tuple[str, float, float]]]:
+    """The figures, then rounds of (calibrate, validate) side by side so the machine's load drifts
+    little between a figure and the run it predicts. Every calibration and validation image is new
+    bytes, so each is a miss in the Squid as well as in the caches."""
     ncores = os.cpu_count() or 1
     b = Bench(work, size)
     random_image(origin.root / "cal.img", size)
     url = origin.url("cal.img")
     t_warm = measure_warm(b, url)
-    sq = env_for(squid.location)
-    run_stagers(url, b.caches(1), sq)  # the Squid now holds the image
+    direct, sq = env_for(None), env_for(squid.location)
+    run_stagers(url, b.caches(1), sq)  # the Squid now holds cal.img
     b.drop()
-    rates: dict[tuple[bool, int], list[float]] = {(s, k): [] for s in (False, True) for k in (1, 4)}
-    # Three rounds, alternating order, so load from elsewhere on the machine hits every figure alike.
+    r1_direct = statistics.median(b.fetch_rate(url, direct, 1, t_warm, ncores) for _ in range(3))
+    r1_squid = statistics.median(b.fetch_rate(url, sq, 1, t_warm, ncores) for _ in range(3))
+    agg: dict[bool, list[float]] = {True: [], False: []}
+    walls: dict[bool, list[float]] = {True: [], False: []}
+    served: dict[bool, list[int]] = {True: [], False: []}
+    n_img = 0
+
+    def fresh() -> str:
+        nonlocal n_img
+        n_img += 1
+        name = f"img{n_img}.img"
+        random_image(origin.root / name, size)
+        origin.reset()
+        return name
+
     for r in range(ROUNDS):
-        order = [(False, 1), (False, 4), (True, 1), (True, 4)]
-        for s, k in order if r % 2 == 0 else order[::-1]:
-            rates[s, k].append(b.fetch_rate(url, sq if s else env_for(None), k, t_warm, ncores))
-    r1_direct, agg_direct, r1_squid, agg_squid = (
-        statistics.median(rates[key]) for key in ((False, 1), (False, 4), (True, 1), (True, 4))
-    )
+        for use_squid in (True, False) if r % 2 == 0 else (False, True):
+            env = sq if use_squid else direct
+            # Calibrate: `nodes` stagers at once, one slot each (through Squid their misses collapse).
+            name = fresh()
+            agg[use_squid].append(b.fetch_rate(origin.url(name), env, nodes, t_warm, ncores))
+            (origin.root / name).unlink()
+            # Validate: `nodes` caches x `slots` stagers each, all started at once.
+            name = fresh()
+            caches = b.caches(nodes)
+            wall, res = run_stagers(origin.url(name), [c for c in caches for _ in range(slots)], env)
+            want = f"proxy http://{squid.location} (OSG_SQUID_LOCATION)" if use_squid else "direct"
+            assert all(x["fetched_via"] in (want, "") for x in res), res
+            assert sum(not x["cache_hit"] for x in res) == nodes, res
+            walls[use_squid].append(wall)
+            served[use_squid].append(origin.body_bytes(name))
+            b.drop()
+            (origin.root / name).unlink()
     queue_ops = measure_queue(work)
     how = "given with --boot-seconds"
     if boot is None:
-        boot, how = measure_boot(work), "one real boot-to-poweroff of a busybox guest under qemu, measured here"
-    return Figures(size, ncores, t_warm, r1_direct, agg_direct, r1_squid, agg_squid, queue_ops, boot, how)
-
-
-def validate(work: Path, origin: Origin, squid: Squid, fig: Figures, nodes: int) -> list[tuple[str, float, float]]:
-    """Real runs of `nodes` caches at once (fresh image each), through Squid and direct; (what, real, model)."""
-    walls: dict[bool, list[float]] = {True: [], False: []}
-    served: dict[bool, list[int]] = {True: [], False: []}
-    for r in range(2):
-        for use_squid in (True, False) if r % 2 == 0 else (False, True):
-            name = f"val-{r}-{'squid' if use_squid else 'direct'}.img"
-            random_image(origin.root / name, fig.size)  # new bytes: a miss in the Squid too
-            origin.reset()
-            caches = [work / f"{name}-node{i}" for i in range(nodes)]
-            env = env_for(squid.location if use_squid else None)
-            wall, res = run_stagers(origin.url(name), caches, env)
-            want = f"proxy http://{squid.location} (OSG_SQUID_LOCATION)" if use_squid else "direct"
-            assert all(r["fetched_via"] == want for r in res), res
-            walls[use_squid].append(wall)
-            served[use_squid].append(origin.body_bytes(name))
-            for c in caches:
-                shutil.rmtree(c, ignore_errors=True)
-                shutil.rmtree(c.parent / f"job-{c.name}", ignore_errors=True)
-            (origin.root / name).unlink()
+        try:
+            boot, how = measure_boot(work), "one real boot-to-poweroff of a busybox guest under qemu, measured here"
+        except (SystemExit, VmtoolError) as e:
+            boot = BOOT_FALLBACK
+            how = f"the boot here failed ({e}); bench/RESULTS.md's TCG qemu-direct median used instead"
+    fig = Figures(
+        size, ncores, t_warm, r1_direct, statistics.median(agg[False]), r1_squid, statistics.median(agg[True]),
+        queue_ops, boot, how,
+    )
     out = []
     for use_squid in (True, False):
-        model = simulate(Scenario(nodes, 1, use_squid, fig.size, host_mode=True), fig)
+        model = simulate(Scenario(nodes, slots, use_squid, size, host_mode=True), fig)
         tag = "through squid" if use_squid else "direct"
-        out.append((f"time until all {nodes} nodes staged, {tag} (s)", statistics.median(walls[use_squid]),
-                    model.all_staged))
+        rounds = "/".join(f"{w:.1f}" for w in walls[use_squid])
+        out.append((f"time until all {nodes}x{slots} slots staged, {tag} (s; rounds {rounds})",
+                    statistics.median(walls[use_squid]), model.all_staged))
         out.append((f"origin body bytes, {tag} (MiB)", max(served[use_squid]) / MiB, model.origin_bytes / MiB))
-    return out
+    return fig, out
 
 
 def predict(fig: Figures, size: int, item_seconds: float) -> list[tuple[Scenario, Outcome]]:
@@ -494,9 +518,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--predict-gib", type=float, default=2.0, help="image size in the predictions (default 2)")
     ap.add_argument("--item-seconds", type=float, default=10.0, help="one queue item per VM every S s (default 10)")
     ap.add_argument("--nodes", type=int, default=8, help="caches in the validation run (default 8)")
+    ap.add_argument("--slots", type=int, default=2, help="stagers per cache in the validation run (default 2)")
     ap.add_argument("--boot-seconds", type=float, help="use this boot time instead of booting a guest")
-    ap.add_argument("--site-gbit", type=float, default=10.0,
-                    help="origin and squid link speed of the second prediction table (default 10)")
+    ap.add_argument("--origin-gbit", type=float, default=1.0,
+                    help="second prediction table: the site's share of the origin, Gbit/s (default 1)")
+    ap.add_argument("--squid-gbit", type=float, default=10.0,
+                    help="second prediction table: the site squid's link, Gbit/s (default 10)")
     args = ap.parse_args(argv)
     if shutil.which("squid") is None:
         print("scale: squid is not installed (make deps)", file=sys.stderr)
@@ -507,16 +534,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         squid.start()
         with run_origin(work / "origin") as origin:
-            fig = measure_all(work, origin, squid, args.image_mib * MiB, args.boot_seconds)
-            checks = validate(work, origin, squid, fig, args.nodes)
+            fig, checks = measure_and_validate(
+                work, origin, squid, args.image_mib * MiB, args.boot_seconds, args.nodes, args.slots
+            )
     finally:
         squid.cleanup()
         shutil.rmtree(work, ignore_errors=True)
     size = int(args.predict_gib * GiB)
-    site = dataclasses.replace(fig, agg_direct=args.site_gbit * 1e9 / 8, agg_squid=args.site_gbit * 1e9 / 8)
+    site = dataclasses.replace(fig, agg_direct=args.origin_gbit * 1e9 / 8, agg_squid=args.squid_gbit * 1e9 / 8)
     tables = [
         ("links as measured on this machine", predict(fig, size, args.item_seconds)),
-        (f"origin and site squid on {args.site_gbit:g} Gbit/s links, nodes as measured here",
+        (f"origin reached over a {args.origin_gbit:g} Gbit/s WAN share, site squid on a {args.squid_gbit:g} Gbit/s "
+         "link, nodes as measured here",
          predict(site, size, args.item_seconds)),
     ]
     return report(fig, checks, tables, args)
@@ -531,8 +560,8 @@ def report(
     load = os.getloadavg()[0]
     print(
         f"scale: measured: warm stage {fig.t_warm:.2f} s; fetch 1 stager direct {fmt_rate(fig.r1_direct)}, "
-        f"4 at once {fmt_rate(fig.agg_direct)}; through squid (hit) 1 {fmt_rate(fig.r1_squid)}, "
-        f"4 at once {fmt_rate(fig.agg_squid)}; beanstalkd {fig.queue_ops:.0f} ops/s via vmtool's client; "
+        f"{args.nodes} at once {fmt_rate(fig.agg_direct)}; through squid (hit) 1 {fmt_rate(fig.r1_squid)}, "
+        f"{args.nodes} at once {fmt_rate(fig.agg_squid)}; beanstalkd {fig.queue_ops:.0f} ops/s via vmtool's client; "
         f"boot {fig.boot:.1f} s ({fig.boot_how}) [{fig.size // MiB} MiB image, {fig.ncores} cores, "
         f"load {load:.1f}]"
     )
