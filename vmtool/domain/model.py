@@ -295,7 +295,7 @@ class Domain(XMLObject):
         """<features>, made after <os> when missing."""
         return Features(self._ensure("features", ("os",)))
 
-    def devices(self) -> etree._Element:
+    def _devices(self) -> etree._Element:
         dev = self.node.find("devices")
         if dev is None:
             dev = append_child(self.node, etree.Element("devices"))
@@ -303,7 +303,7 @@ class Domain(XMLObject):
 
     def devices_of(self, tag: str) -> list[Device]:
         """The <devices> children named `tag`, in document order."""
-        return [Device(el) for el in self.devices().findall(tag)]
+        return [Device(el) for el in self._devices().findall(tag)]
 
     def top_level(self, tag: str) -> list[Element]:
         """The children of <domain> named `tag`, in document order."""

@@ -101,8 +101,10 @@ def remove(node: etree._Element) -> None:
     if prev is not None:
         prev.tail = node.tail
     elif len(parent) == 1:
-        # The parent becomes empty: it renders as <x/>.
-        parent.text = None
+        # The parent loses its last child: it renders as <x/>, unless it has text of its own
+        # (<nvram>PATH<source .../></nvram>), which stays.
+        text = (parent.text or "") + (node.tail or "")
+        parent.text = text.strip() or None
     parent.remove(node)
 
 

@@ -20,8 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from lxml import etree
-
+from vmtool.domain.model import Domain
 from vmtool.domain.policy import Rendered, RenderOptions, render
 from vmtool.domain.slot import Slot, discover_slot
 from vmtool.errors import CgroupError, LaunchError, VmtoolError
@@ -177,9 +176,9 @@ class RunningVM:
         self._stats = VMStats()
         self._own_reason: ExitReason | None = None
         self._closed = False
-        root = etree.fromstring(rendered.xml.encode())
-        self._disk_targets = [t.get("dev", "") for t in root.findall("devices/disk/target")]
-        self._macs = [m.get("address", "") for m in root.findall("devices/interface/mac")]
+        dom = Domain.from_xml(rendered.xml)
+        self._disk_targets = [d.target_dev or "" for d in dom.disks if d.has("./target")]
+        self._macs = [n.mac or "" for n in dom.interfaces if n.has("./mac")]
         self._net_counted = bool(self._macs)
         self.reason: ExitReason | None = None
         self.detail = ""
