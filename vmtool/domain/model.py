@@ -34,16 +34,6 @@ class Element(XMLObject):
     type = XMLProperty("./@type")
 
 
-class Source(XMLObject):
-    file = XMLProperty("./@file")
-    dev = XMLProperty("./@dev")
-    dir = XMLProperty("./@dir")
-    path = XMLProperty("./@path")
-    mode = XMLProperty("./@mode")
-    network = XMLProperty("./@network")
-    bridge = XMLProperty("./@bridge")
-
-
 class Disk(XMLObject):
     XML_NAME = "disk"
 
