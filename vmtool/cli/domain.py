@@ -101,8 +101,8 @@ def _render(args: argparse.Namespace) -> int:
             source = Path(args.domain).read_bytes() if args.domain != "-" else sys.stdin.buffer.read()
         except OSError as e:
             raise DomainError(f"cannot read {args.domain}: {e.strerror}") from None
-    opts = render_options_of(args)
     slot = discover_slot(machine_ad=args.machine_ad)
+    opts = render_options_of(args)
     r = render(source, opts, host, slot)
     for w in r.warnings:
         warn(w)
