@@ -14,15 +14,11 @@ import pytest
 from lxml import etree
 
 from vmtool.cli.main import main
-from vmtool.domain.policy import (
-    HostFacts,
-    RenderOptions,
-    max_guest_memory,
-    qemu_overhead_mib,
-    render,
-)
+from vmtool.domain.policy import BootFiles, RenderOptions, render
+from vmtool.domain.sizing import max_guest_memory, qemu_overhead_mib
 from vmtool.domain.slot import Slot
 from vmtool.errors import DomainError
+from vmtool.launch.host import HostFacts
 
 pytestmark = pytest.mark.unit
 
@@ -39,29 +35,20 @@ def qcow2(path: Path) -> Path:
     return path
 
 
-def fake_manifest(d: Path) -> Path:
+def fake_boot(d: Path) -> BootFiles:
+    """A build's boot files, as `BootFiles.of(manifest)` gives them (render opens none of them)."""
     (d / "vmlinuz").write_bytes(b"k")
     (d / "initrd.img").write_bytes(b"i")
-    data = {
-        "schema": "vmtool.manifest/1",
-        "source": {"path": "root.img", "format": "raw", "size": 1, "sha256": ""},
-        "rootfs": {"path": "root.img", "format": "raw", "fstype": "ext4", "label": "cloudimg-rootfs", "uuid": "",
-                   "virtual_size": 1, "allocated_size": 1, "sha256": ""},
-        "kernel": {"path": "vmlinuz", "version": "6.1.0", "sha256": ""},
-        "initrd": {"path": "initrd.img", "version": "6.1.0", "sha256": ""},
-        "cmdline": "root=LABEL=cloudimg-rootfs ro quiet",
-        "fstab": {"before": None, "after": ""},
-    }
-    (d / "manifest.json").write_text(json.dumps(data))
-    return d / "manifest.json"
+    d = d.resolve()
+    return BootFiles(kernel=d / "vmlinuz", initrd=d / "initrd.img", cmdline="root=LABEL=cloudimg-rootfs ro quiet",
+                     build_dir=d)
 
 
 def case_options(case: str, sb: Path) -> tuple[bytes | None, RenderOptions, HostFacts, Slot]:
     ovl = qcow2(sb / "root.qcow2")
     common = dict(sandbox=sb, disks=(ovl,), seed=7, run_as=(1000, 1000))
     if case == "template-manifest":
-        man = fake_manifest(sb)
-        opts = RenderOptions(**common, manifest=man, extra_cmdline=("vmtool.job=42.0",),  # type: ignore[arg-type]
+        opts = RenderOptions(**common, boot=fake_boot(sb), extra_cmdline=("vmtool.job=42.0",),  # type: ignore[arg-type]
                              channels=(("org.vmtool.relay.0", sb / "relay0.sock"),))
         return None, opts, TCG, SLOT
     src = (DATA / f"{case}-in.xml").read_bytes()
