@@ -182,7 +182,8 @@ def test_disks_in_sandbox_kept_and_extra_overlays_added(tmp_path: Path) -> None:
     disks = root.findall("devices/disk")
     assert [d.find("target").get("dev") for d in disks] == ["vda", "hdc", "vdb"]  # type: ignore[union-attr]
     assert disks[0].find("source").get("file") == str(a.resolve())  # type: ignore[union-attr]
-    assert disks[1].find("source").get("file") == "data.raw"  # type: ignore[union-attr]
+    # relative in the job's XML, written back as the sandbox path it was checked as
+    assert disks[1].find("source").get("file") == str((tmp_path / "data.raw").resolve())  # type: ignore[union-attr]
     assert disks[2].find("source").get("file") == str(b.resolve())  # type: ignore[union-attr]
     assert r.memory_mib == 256 and not r.warnings
 
@@ -302,3 +303,30 @@ def test_rendered_xml_is_valid_for_libvirt(case: str, tmp_path: Path) -> None:
     assert rng.validate(etree.fromstring(r.xml.encode())), rng.error_log
     if case == "hostile":
         assert not rng.validate(etree.fromstring(src or b""))
+
+
+def test_relative_host_paths_are_written_back_as_sandbox_paths(tmp_path: Path) -> None:
+    # libvirtd and qemu resolve a relative path from their own working directory ("/"), so a relative
+    # path checked against the sandbox must not reach them relative: etc/passwd would open /etc/passwd.
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "passwd").write_bytes(b"\0" * 512)
+    (tmp_path / "k").write_bytes(b"kernel")
+    (tmp_path / "t.aml").write_bytes(b"acpi")
+    qcow2(tmp_path / "data.qcow2")
+    src = b"""<domain type='qemu'><name>x</name><os><type>hvm</type><kernel>k</kernel><dtb>etc/passwd</dtb>
+<acpi><table type='slic'>t.aml</table></acpi></os><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='data.qcow2'/><target dev='vdb'/></disk>
+<serial type='file'><source path='serial.log'/><target port='1'/></serial>
+<channel type='file'><source path='chan.out'/><target type='virtio' name='x.y'/></channel>
+</devices></domain>"""
+    r = render(src, RenderOptions(sandbox=tmp_path, disks=(qcow2(tmp_path / "a.qcow2"),)), TCG, SLOT)
+    root = etree.fromstring(r.xml.encode())
+    sb = str(tmp_path.resolve())
+    named = [root.findtext("os/kernel"), root.findtext("os/dtb"), root.findtext("os/acpi/table"),
+             *(d.get("file") for d in root.findall("devices/disk/source")),
+             *(c.get("path") for c in root.findall("devices/channel/source")),
+             *(c.get("path") for c in root.findall("devices/serial/source"))]
+    # kernel, dtb, acpi table, the overlay that took the disk's place, the channel, 2 serials
+    assert None not in named and len(named) == 7
+    assert all(p is not None and p.startswith(sb + "/") for p in named), named
+    assert root.findtext("os/dtb") == f"{sb}/etc/passwd"

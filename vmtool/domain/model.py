@@ -53,6 +53,15 @@ class Disk(XMLObject):
         found: str | None = self.source_file or self.source_dev or self.source_dir
         return found
 
+    def set_host_path(self, path: str) -> None:
+        """Rewrite whichever source attribute names the host path."""
+        if self.source_file:
+            self.source_file = path
+        elif self.source_dev:
+            self.source_dev = path
+        else:
+            self.source_dir = path
+
     def drop_backing_chain(self) -> None:
         """Remove <backingStore>: libvirt would open the files it names."""
         self.remove_all("backingStore")

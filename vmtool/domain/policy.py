@@ -277,6 +277,8 @@ class _Renderer:
                 self.warn(f"{what} {src!r} removed: outside the sandbox")
                 disk.remove()
                 continue
+            if self.sandbox.absolute(src) != src:
+                disk.set_host_path(self.sandbox.absolute(src))
             fmt, why = _sandbox_image_format(self.sandbox.local(src))
             if why:
                 self.warn(f"{what} {src!r} removed: {why}")

@@ -71,6 +71,12 @@ class Sandbox:
         p = self.local(raw)
         return p is not None and _under(p, self.allowed + [Path(d) for d in extra])
 
+    def absolute(self, raw: str) -> str:
+        """`raw` as it must stand in the rendered XML: libvirtd and qemu resolve a relative path from their
+        own working directory, not the sandbox, so `etc/passwd` checked as sandbox/etc/passwd would open
+        /etc/passwd. A relative path is written back as the sandbox path it was checked as."""
+        return raw if Path(raw).is_absolute() else str(self.local(raw))
+
 
 def _under(path: Path, roots: list[Path]) -> bool:
     return any(path == r or r in path.parents for r in roots)
@@ -91,25 +97,35 @@ def boot_paths(dom: Domain, sandbox: Sandbox, notes: Notes) -> None:
                 setattr(os_, tag, None)
                 if tag == "kernel":
                     os_.remove_cmdlines()
+            elif path and sandbox.absolute(path) != path:
+                setattr(os_, tag, sandbox.absolute(path))
     if os_.loader and not sandbox.allows(os_.loader, FIRMWARE_DIRS):
         notes.warn(f"<os><loader> {os_.loader!r} removed: not in the sandbox or a firmware directory")
         os_.loader = None
+    elif os_.loader and sandbox.absolute(os_.loader) != os_.loader:
+        os_.loader = sandbox.absolute(os_.loader)
     if os_.has("./nvram"):
         tmpl = os_.nvram_template
         if tmpl and not sandbox.allows(tmpl, FIRMWARE_DIRS):
             notes.warn(f"<os><nvram template> {tmpl!r} removed: not in a firmware directory")
             os_.nvram_template = None
+        elif tmpl and sandbox.absolute(tmpl) != tmpl:
+            os_.nvram_template = sandbox.absolute(tmpl)
         nvram = os_.nvram
         if nvram and nvram.strip() and not sandbox.allows(nvram):
             path = sandbox.root / f"{dom.name}_VARS.fd"
             notes.change(f"nvram {nvram.strip()!r} -> {str(path)!r}")
             os_.nvram = str(path)
+        elif nvram and nvram.strip() and sandbox.absolute(nvram.strip()) != nvram.strip():
+            os_.nvram = sandbox.absolute(nvram.strip())
         for _ in range(os_.remove_nvram_sources()):
             notes.warn("<os><nvram> source removed (vmtool keeps nvram in the sandbox)")
     for table in list(os_.acpi_tables):
         if not sandbox.allows(table.text):
             notes.warn(f"<os><acpi><table> {table.text!r} removed: outside the sandbox")
             table.remove()
+        elif table.text and sandbox.absolute(table.text) != table.text:
+            table.text = sandbox.absolute(table.text)
     os_.remove_empty_acpi()
 
 
@@ -167,7 +183,8 @@ def host_chardevs(dom: Domain, sandbox: Sandbox, notes: Notes, *, graphics: bool
             if ch.tag in ("serial", "console"):
                 ch.remove()  # the console is vmtool's
         elif t in ("file", "pipe", "unix") and sandbox.allows(ch.source_path):
-            pass
+            if ch.source_path and sandbox.absolute(ch.source_path) != ch.source_path:
+                ch.source_path = sandbox.absolute(ch.source_path)
         elif t in SPICE_CHARDEVS:
             pass
         else:

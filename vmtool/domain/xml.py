@@ -241,6 +241,10 @@ class XMLObject:
         """The element's own text, as written (not stripped)."""
         return self.node.text
 
+    @text.setter
+    def text(self, value: str | None) -> None:
+        self.node.text = value
+
     @property
     def parent_tag(self) -> str | None:
         parent = self.node.getparent()
