@@ -422,7 +422,10 @@ def simulate(sc: Scenario, fig: Figures) -> Outcome:
 
 
 def _delayed(
-    env: simpy.Environment, delay: float, fn: Callable[[float], Generator[simpy.Event, Any, None]], end: float
+    env: simpy.Environment,
+    delay: float,
+    fn: Callable[[float], Generator[simpy.Event, Any, None]],
+    end: float,
 ) -> Generator[simpy.Event, Any, None]:
     yield env.timeout(max(0.0, delay))
     yield env.process(fn(end))
@@ -482,22 +485,40 @@ def measure_and_validate(
     how = "given with --boot-seconds"
     if boot is None:
         try:
-            boot, how = measure_boot(work), "one real boot-to-poweroff of a busybox guest under qemu, measured here"
+            boot, how = (
+                measure_boot(work),
+                "one real boot-to-poweroff of a busybox guest under qemu, measured here",
+            )
         except (SystemExit, VmtoolError) as e:
             boot = BOOT_FALLBACK
             how = f"the boot here failed ({e}); bench/RESULTS.md's TCG qemu-direct median used instead"
     fig = Figures(
-        size, ncores, t_warm, r1_direct, statistics.median(agg[False]), r1_squid, statistics.median(agg[True]),
-        queue_ops, boot, how,
+        size,
+        ncores,
+        t_warm,
+        r1_direct,
+        statistics.median(agg[False]),
+        r1_squid,
+        statistics.median(agg[True]),
+        queue_ops,
+        boot,
+        how,
     )
     out = []
     for use_squid in (True, False):
         model = simulate(Scenario(nodes, slots, use_squid, size, host_mode=True), fig)
         tag = "through squid" if use_squid else "direct"
         rounds = "/".join(f"{w:.1f}" for w in walls[use_squid])
-        out.append((f"time until all {nodes}x{slots} slots staged, {tag} (s; rounds {rounds})",
-                    statistics.median(walls[use_squid]), model.all_staged))
-        out.append((f"origin body bytes, {tag} (MiB)", max(served[use_squid]) / MiB, model.origin_bytes / MiB))
+        out.append(
+            (
+                f"time until all {nodes}x{slots} slots staged, {tag} (s; rounds {rounds})",
+                statistics.median(walls[use_squid]),
+                model.all_staged,
+            )
+        )
+        out.append(
+            (f"origin body bytes, {tag} (MiB)", max(served[use_squid]) / MiB, model.origin_bytes / MiB)
+        )
     return fig, out
 
 
@@ -505,8 +526,15 @@ def predict(fig: Figures, size: int, item_seconds: float) -> list[tuple[Scenario
     rows = []
     for n in (10, 100, 1000):
         for use_squid in (False, True):
-            sc = Scenario(n, 8, use_squid, size, host_mode=False, item_seconds=item_seconds,
-                          queue_window=3 * item_seconds)
+            sc = Scenario(
+                n,
+                8,
+                use_squid,
+                size,
+                host_mode=False,
+                item_seconds=item_seconds,
+                queue_window=3 * item_seconds,
+            )
             rows.append((sc, simulate(sc, fig)))
     return rows
 
@@ -517,17 +545,35 @@ def fmt_rate(r: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--image-mib", type=int, default=int(os.environ.get("BENCH_SCALE_IMAGE_MIB", "256")),
-                    help="size of the measured and validated image (default 256)")
-    ap.add_argument("--predict-gib", type=float, default=2.0, help="image size in the predictions (default 2)")
-    ap.add_argument("--item-seconds", type=float, default=10.0, help="one queue item per VM every S s (default 10)")
+    ap.add_argument(
+        "--image-mib",
+        type=int,
+        default=int(os.environ.get("BENCH_SCALE_IMAGE_MIB", "256")),
+        help="size of the measured and validated image (default 256)",
+    )
+    ap.add_argument(
+        "--predict-gib", type=float, default=2.0, help="image size in the predictions (default 2)"
+    )
+    ap.add_argument(
+        "--item-seconds", type=float, default=10.0, help="one queue item per VM every S s (default 10)"
+    )
     ap.add_argument("--nodes", type=int, default=8, help="caches in the validation run (default 8)")
-    ap.add_argument("--slots", type=int, default=2, help="stagers per cache in the validation run (default 2)")
+    ap.add_argument(
+        "--slots", type=int, default=2, help="stagers per cache in the validation run (default 2)"
+    )
     ap.add_argument("--boot-seconds", type=float, help="use this boot time instead of booting a guest")
-    ap.add_argument("--origin-gbit", type=float, default=1.0,
-                    help="second prediction table: the site's share of the origin, Gbit/s (default 1)")
-    ap.add_argument("--squid-gbit", type=float, default=10.0,
-                    help="second prediction table: the site squid's link, Gbit/s (default 10)")
+    ap.add_argument(
+        "--origin-gbit",
+        type=float,
+        default=1.0,
+        help="second prediction table: the site's share of the origin, Gbit/s (default 1)",
+    )
+    ap.add_argument(
+        "--squid-gbit",
+        type=float,
+        default=10.0,
+        help="second prediction table: the site squid's link, Gbit/s (default 10)",
+    )
     args = ap.parse_args(argv)
     if shutil.which("squid") is None:
         print("scale: squid is not installed (make deps)", file=sys.stderr)
@@ -545,12 +591,16 @@ def main(argv: list[str] | None = None) -> int:
         squid.cleanup()
         shutil.rmtree(work, ignore_errors=True)
     size = int(args.predict_gib * GiB)
-    site = dataclasses.replace(fig, agg_direct=args.origin_gbit * 1e9 / 8, agg_squid=args.squid_gbit * 1e9 / 8)
+    site = dataclasses.replace(
+        fig, agg_direct=args.origin_gbit * 1e9 / 8, agg_squid=args.squid_gbit * 1e9 / 8
+    )
     tables = [
         ("links as measured on this machine", predict(fig, size, args.item_seconds)),
-        (f"origin reached over a {args.origin_gbit:g} Gbit/s WAN share, site squid on a {args.squid_gbit:g} Gbit/s "
-         "link, nodes as measured here",
-         predict(site, size, args.item_seconds)),
+        (
+            f"origin reached over a {args.origin_gbit:g} Gbit/s WAN share, site squid on a {args.squid_gbit:g} Gbit/s "
+            "link, nodes as measured here",
+            predict(site, size, args.item_seconds),
+        ),
     ]
     return report(fig, checks, tables, args)
 

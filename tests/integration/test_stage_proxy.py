@@ -287,7 +287,11 @@ def test_origin_changed_between_the_parts_starts_again(
     r = stage(origin.url("root.img"), cache, env_for(None))
     assert r.rc == 0, r.stderr
     assert len(r.warnings) == 1, r.stderr
-    why = "the origin changed since the interrupted fetch" if honours_if_range else "ETag changed between the parts"
+    why = (
+        "the origin changed since the interrupted fetch"
+        if honours_if_range
+        else "ETag changed between the parts"
+    )
     assert why in r.warnings[0] and "fetching it again from the start" in r.warnings[0]
     assert r.result["sha256"] == sha256(image)
     assert r.result["fetched_bytes"] == image.stat().st_size
@@ -305,7 +309,9 @@ def test_stale_proxy_part_then_changed_origin_starts_again(
     assert r.result["sha256"] == sha256(image)
 
 
-@pytest.mark.parametrize("value", ["not-a-proxy", "squid.example.org", "127.0.0.1:99999", "a b:3128", ":3128"])
+@pytest.mark.parametrize(
+    "value", ["not-a-proxy", "squid.example.org", "127.0.0.1:99999", "a b:3128", ":3128"]
+)
 def test_osg_squid_location_garbage_is_a_warning(
     tmp_path: Path, origin: Origin, image: Path, value: str
 ) -> None:

@@ -30,7 +30,9 @@ def test_squid_location_values(value: str | None, proxy: str | None) -> None:
     assert squid_location(value) == proxy
 
 
-@pytest.mark.parametrize("value", ["squid", "squid:", "squid:0", "squid:70000", "https://squid:3128", "a b:1"])
+@pytest.mark.parametrize(
+    "value", ["squid", "squid:", "squid:0", "squid:70000", "https://squid:3128", "a b:1"]
+)
 def test_squid_location_garbage_warns_and_is_ignored(value: str, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="vmtool"):
         assert squid_location(value) is None
@@ -41,7 +43,15 @@ def test_squid_location_garbage_warns_and_is_ignored(value: str, caplog: pytest.
 
 
 def _env(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
-    for k in ("OSG_SQUID_LOCATION", "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+    for k in (
+        "OSG_SQUID_LOCATION",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+    ):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)

@@ -311,6 +311,8 @@ _failed_proxies: set[str] = set()  # proxies that failed in this process: later 
 
 def warn(message: str) -> None:
     """One warning line per distinct message and process, through vmtool's logger (the CLI shows it)."""
+    if len(_warned) > 1000:  # a long-lived worker: forget old ones rather than grow
+        _warned.clear()
     if message not in _warned:
         _warned.add(message)
         log.warning("%s", message)
@@ -393,7 +395,9 @@ def _proxy_timeout() -> float:
         return 20.0
 
 
-def _open_http(src: Source, method: str, route: Route | None = None, headers: dict[str, str] | None = None) -> Any:
+def _open_http(
+    src: Source, method: str, route: Route | None = None, headers: dict[str, str] | None = None
+) -> Any:
     """One request, cache-friendly: no cache-busting headers, identity encoding, one open-ended range at most."""
     import http.client
     import urllib.error
@@ -568,16 +572,26 @@ class _HttpFetch:
         route = route_for(self.src)
         f = self._open_part()
         try:
-            if route.proxy:
-                try:
-                    return self._attempt(f, route)
-                except _ProxyFailed as e:
-                    self.warnings.append(f"proxy {route.proxy} failed: {e}")
-                    _fall_back(self.src, route, str(e))
-            return self._attempt(f, Route())
+            try:
+                if route.proxy:
+                    try:
+                        return self._attempt(f, route)
+                    except _ProxyFailed as e:
+                        self.warnings.append(f"proxy {route.proxy} failed: {e}")
+                        _fall_back(self.src, route, str(e))
+                return self._attempt(f, Route())
+            except OSError as e:  # the part file or its sidecar (the network's errors are handled inside)
+                if _no_space(e):
+                    raise _space_error() from None
+                raise TransferFailed(
+                    f"cannot write in the cache: {self.part.parent}: {e.strerror or e}",
+                    error_type="Parameter",
+                ) from None
         except BaseException as e:
-            keep = isinstance(e, TransferFailed) and e.error_type in ("Transfer", "Contact") and (
-                e.failure_type != "NoSpace"
+            keep = (
+                isinstance(e, TransferFailed)
+                and e.error_type in ("Transfer", "Contact")
+                and (e.failure_type != "NoSpace")
             )
             if not keep and not isinstance(e, KeyboardInterrupt):
                 _drop_part_state(self.part)
@@ -657,7 +671,9 @@ class _HttpFetch:
                 if problem:
                     if restarted:
                         raise TransferFailed(
-                            f"{src.text}: {problem}", error_type="Transfer", server=src.host,
+                            f"{src.text}: {problem}",
+                            error_type="Transfer",
+                            server=src.host,
                             hint="the server (or a proxy in between) serves inconsistent ranges; try again later",
                         )
                     restarted = True
@@ -705,13 +721,19 @@ class _HttpFetch:
         total = state.get("total") if state else None
         problem = None
         if not offset:
-            problem = f"the server answered a range ({cr or 'no Content-Range'}) to a request for the whole image"
+            problem = (
+                f"the server answered a range ({cr or 'no Content-Range'}) to a request for the whole image"
+            )
         elif not m:
             problem = f"a 206 answer without a usable Content-Range ({cr!r})"
         else:
             start, end, size = int(m.group(1)), int(m.group(2)), m.group(3)
             n = int(size) if size != "*" else None
-            if start != offset or (n is not None and end != n - 1) or (total and n is not None and n != total):
+            if (
+                start != offset
+                or (n is not None and end != n - 1)
+                or (total and n is not None and n != total)
+            ):
                 problem = (
                     f"asked for bytes {offset}-{'' if not total else total - 1}"
                     f"{'' if not total else f'/{total}'} but the server answered bytes {start}-{end}/{size}"
