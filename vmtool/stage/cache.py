@@ -328,8 +328,11 @@ class Cache:
                         p.unlink()
 
     def clean_tmp_for(self, owner: str) -> None:
-        """Called with the source lock held: anything under that name is from a dead fetcher."""
+        """Called with the source lock held: anything under that name is from a dead fetcher (its
+        resumable http part, `<owner>.part` and its sidecar, is left for the fetch to resume)."""
         for p in (self.root / "tmp").glob(f"{owner}.*"):
+            if p.name in (f"{owner}.part", f"{owner}.part.json"):
+                continue
             with contextlib.suppress(OSError):
                 p.unlink()
 

@@ -7,8 +7,6 @@ explicit size and backing format, which does not open the base at all.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import time
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ from vmtool.fsutil import atomic_path, os_error
 from vmtool.log import Progress
 from vmtool.run import run
 from vmtool.stage.cache import Cache, key_hash
-from vmtool.stage.fetch import Sink, fetch, identity
+from vmtool.stage.fetch import discard_part, fetch_to, identity, part_path
 from vmtool.stage.inspect import check_base
 from vmtool.stage.sources import Source
 
@@ -35,6 +33,7 @@ class StageResult:
     cache_hit: bool
     fetched_bytes: int
     source: str
+    fetched_via: str = ""  # "direct", "proxy URL (SETTING)", a source kind; "" on a cache hit
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +45,7 @@ class StageResult:
             "cache_hit": self.cache_hit,
             "fetched_bytes": self.fetched_bytes,
             "source": self.source,
+            "fetched_via": self.fetched_via,
         }
 
 
@@ -56,6 +56,7 @@ class _Base:
     virtual_size: int
     hit: bool
     fetched: int
+    via: str = ""
 
 
 def default_name(src: Source) -> str:
@@ -110,6 +111,7 @@ def stage(
             cache_hit=b.hit,
             fetched_bytes=b.fetched,
             source=src.text,
+            fetched_via=b.via,
         )
     raise StageError(
         f"the cached base for {src.text} keeps disappearing", hint="is a prune running in a loop?"
@@ -173,26 +175,11 @@ def _fetch_into_cache(
     deadline: float | None,
     progress: bool,
 ) -> _Base:
-    tmp = cache.root / "tmp" / f"{owner}.{os.getpid()}.part"
+    tmp = part_path(cache.root / "tmp", owner, src)
     bar = Progress(f"fetching {src.basename}") if progress else None
     try:
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise os_error(e, f"cannot write in cache {cache.root}") from None
-        with os.fdopen(fd, "wb") as f:
-            sink = Sink(f, bar, deadline)
-            fetched = fetch(src, sink)
-            try:
-                sha = sink.finish()
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                    raise TransferFailed(
-                        "no space left in the cache while fetching",
-                        failure_type="NoSpace",
-                        hint="free space (vmtool cache prune) or use another --cache",
-                    ) from None
-                raise os_error(e, "cannot write the fetched image") from None
+        got = fetch_to(src, tmp, progress=bar, deadline=deadline)
+        sha = got.sha256
         if bar is not None:
             bar.close()
         if src.sha256 and sha != src.sha256:
@@ -214,10 +201,12 @@ def _fetch_into_cache(
             {
                 "sha256": sha,
                 "format": info.format,
-                "size": sink.size,
+                "size": got.size,
                 "virtual_size": info.virtual_size,
                 "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "sources": sources[-20:],
+                "fetched_via": got.via,
+                "resumed_from": got.resumed_from,
             },
         )
         if base.exists():
@@ -226,12 +215,11 @@ def _fetch_into_cache(
             os.rename(tmp, base)
             _fsync_dir(base.parent)
         cache.index_put(ident, {"sha256": sha, "format": info.format, "source": src.text})
-        return _Base(sha, info.format, info.virtual_size, False, fetched)
+        return _Base(sha, info.format, info.virtual_size, False, got.fetched, got.via)
     except BaseException:
         if bar is not None:
             bar.close("failed")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        discard_part(tmp)  # an http part cut by the network stays, for the next stage to resume
         raise
 
 
