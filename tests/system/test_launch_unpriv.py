@@ -27,9 +27,9 @@ pytestmark = [pytest.mark.libvirt, pytest.mark.vm]
 CMDLINE = {"10-cmdline": "#!/bin/sh\necho \"vmtool-test: cmdline $(cat /proc/cmdline)\"\n"}
 SLEEPY = {"10-sleep": "#!/bin/sh\necho 'vmtool-test: sleeping'\nsleep 600\n"}
 HOG = {"10-hog": "#!/bin/sh\n"
-                 "mkdir -p /mnt/hog && mount -t tmpfs -o size=600m tmpfs /mnt/hog\n"
+                 "mkdir -p /mnt/hog && mount -t tmpfs -o size=950m tmpfs /mnt/hog\n"
                  "echo 'vmtool-test: hogging'\n"
-                 "dd if=/dev/zero of=/mnt/hog/fill bs=1M count=560 2>/dev/null\n"
+                 "dd if=/dev/zero of=/mnt/hog/fill bs=1M count=900 2>/dev/null\n"
                  "echo 'vmtool-test: survived the hog'\n"}
 
 
@@ -104,13 +104,13 @@ def test_b_memory_exceeded_is_exit_5_not_a_slot_oom(guests: dict[str, tuple[Path
     ovl = _overlay(job_slot, img)
     ooms = job_slot.oom_kills()
     proc = job_slot.vmtool("launch", "--manifest", str(manifest), "--disk", str(ovl), "--timeout", "300",
-                           "--memory", "768", "--memory-limit", "520", "--report", "vm-report.json")
+                           "--memory", "1024", "--memory-limit", "700", "--report", "vm-report.json")
     _out, err = proc.communicate(timeout=400)
     data = json.loads((job_slot.sandbox / "vm-report.json").read_text())
     assert proc.returncode == 5, (err.decode(), data)
-    assert data["exit_reason"] == "memory" and "memory limit of 520 MiB" in data["detail"], data
+    assert data["exit_reason"] == "memory" and "memory limit of 700 MiB" in data["detail"], data
     assert data["cgroup_mode"] == "inherited"
-    assert "vmtool-test: hogging" in Path(data["console_log"]).read_text(errors="replace")
+    assert "vmtool-test: hogging" in Path(data["console_log"]).read_text(errors="replace"), data
     assert job_slot.oom_kills() == ooms  # the slot never ran out: nothing for HTCondor to hold the job for
     _nothing_left(job_slot)
 
