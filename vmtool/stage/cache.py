@@ -252,6 +252,8 @@ class Cache:
             return {}
 
     def write_meta(self, sha: str, data: dict[str, Any]) -> None:
+        if not trusted_file(self.root / "bases" / f"{sha}.json") and (self.root / "bases" / f"{sha}.json").exists():
+            return  # another user's record (sticky directory): ours is not needed, theirs is not read
         write_atomic(self.root / "bases" / f"{sha}.json", json.dumps(data, indent=2) + "\n", mode=0o644)
 
     # --- index --------------------------------------------------------------------------------

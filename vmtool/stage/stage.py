@@ -224,6 +224,8 @@ def _fetch_into_cache(
         info = check_base(tmp, src.format, what=src.text)
         os.chmod(tmp, 0o444)
         base = cache.base_path(sha, info.format)
+        if base.exists():
+            cache.check_base(base)  # planted under the right name by another user: refuse, do not trust
         meta = cache.meta(sha)
         sources = list(meta.get("sources") or [])
         if src.text not in sources:
@@ -240,7 +242,6 @@ def _fetch_into_cache(
             },
         )
         if base.exists():
-            cache.check_base(base)  # planted under the right name by another user: refuse, do not trust
             tmp.unlink()
         else:
             os.rename(tmp, base)
