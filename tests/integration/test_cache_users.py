@@ -107,3 +107,26 @@ def test_root_filled_read_only_cache_serves_users(area: Path) -> None:
     assert res["base"] == added["base"] and res["cache_hit"] and _backing(res["overlay"]) == added["base"]
     assert Path(added["base"]).stat().st_uid == 0
     run(["rm", "-rf", f"/var/tmp/vmtool-{b.pw_uid}"])
+
+
+def test_plugin_as_job_user_with_the_starters_home(area: Path) -> None:
+    """The starter runs the plugin as the job user with HOME=/root: the default cache needs no setup."""
+    b = ensure_user("vmtooljob2")
+    own = Path(f"/var/tmp/vmtool-{b.pw_uid}")
+    run(["rm", "-rf", str(own)])
+    sandbox = area / "dir_1" / "scratch"
+    sandbox.mkdir(parents=True)
+    os.chown(sandbox, b.pw_uid, b.pw_gid)
+    sandbox.chmod(0o700)
+    url = f"vmimage://{area}/base.qcow2"
+    infile = area / "plugin.in"
+    infile.write_text(f'[ LocalFileName = "{sandbox}/rootfs.qcow2"; Url = "{url}" ]')
+    infile.chmod(0o644)
+    plugin = Path(sys.executable).parent / "vmtool_plugin"
+    rc, _out, err = run_as(b, [str(plugin), "-infile", str(infile), "-outfile", f"{sandbox}/.out"], cwd=sandbox,
+                           env={"_CONDOR_SCRATCH_DIR": str(sandbox)})
+    ad = (sandbox / ".out").read_text()
+    assert rc == 0 and "TransferSuccess = true" in ad, (err, ad)
+    assert _backing(str(sandbox / "rootfs.qcow2")).startswith(f"{own}/bases/")
+    assert own.stat().st_uid == b.pw_uid and own.stat().st_mode & 0o777 == 0o700
+    run(["rm", "-rf", str(own)])
