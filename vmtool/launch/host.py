@@ -191,9 +191,11 @@ def host_facts(uri: str, *, conn: Any = None) -> HostFacts:
         if not emulator:
             raise LaunchError("libvirt names no qemu emulator for hvm guests", hint="install qemu-system-x86")
         kvm, reason = False, "libvirt offers no kvm domain type"
-        if "kvm" in types:
-            probe = probe_kvm(emulator)
-            kvm, reason = probe.usable, probe.reason
+        if os.path.exists("/dev/kvm") and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            reason = _no_access_reason()  # qemu:///session lists no kvm type then: say how to get it
+        if "kvm" in types or os.environ.get("VMTOOL_KVM") == "1":
+            probe = probe_kvm(emulator)  # raises when VMTOOL_KVM=1 demands a KVM this user cannot open
+            kvm, reason = probe.usable and "kvm" in types, probe.reason if "kvm" in types else reason
         facts = HostFacts(emulator=emulator, arch=arch, machines=machines, domain_types=types, kvm=kvm,
                           kvm_reason=reason, secmodels=parse_secmodels(caps))
         _facts[uri] = facts

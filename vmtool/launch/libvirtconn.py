@@ -179,12 +179,20 @@ def _open(uri: str, target: str) -> Any:
         msg = e.get_error_message() or str(e)
         hint = "start libvirtd (and virtlogd), or give another --uri"
         if os.geteuid() != 0 and not is_private_session(uri):
+            import grp
             import pwd
 
             user = pwd.getpwuid(os.geteuid()).pw_name
+            try:
+                member = grp.getgrnam("libvirt").gr_gid in os.getgroups()
+            except KeyError:
+                member = False
+            session = f"or leave --uri out: a non-root user gets {SESSION_URI}, a private daemon"
             if "ermission denied" in msg or "system bus" in msg or "authentication" in msg.lower():
-                hint = (f"{uri} needs the libvirt group (usermod -aG libvirt {user}, then log in again); "
-                        f"or leave --uri out: a non-root user gets {SESSION_URI}, a private daemon")
+                hint = (f"{uri} needs the libvirt group (usermod -aG libvirt {user}, then log in again); {session}"
+                        if not member else
+                        f"{user} is in the libvirt group, but libvirtd asks polkit, which needs the system bus: "
+                        f"set auth_unix_rw = \"none\" in /etc/libvirt/libvirtd.conf; {session}")
         raise LaunchError(f"cannot connect to libvirt at {uri}: {msg}", hint=hint) from None
 
 

@@ -480,6 +480,30 @@ class RunningVM:
                 raise
 
 
+def _check_sandbox(sandbox: Path) -> None:
+    """A non-root job's VM writes (console log, sockets) only into a sandbox of its own."""
+    me = os.geteuid()
+    if me == 0:
+        return  # root launches for any job user (qemu:///system runs qemu under its own DAC label)
+    try:
+        st = sandbox.stat()
+    except FileNotFoundError:
+        raise LaunchError(f"the sandbox {sandbox} does not exist", hint="give an existing --sandbox") from None
+    except OSError as e:
+        raise LaunchError(f"cannot use the sandbox {sandbox}: {e.strerror}", hint="give another --sandbox") from None
+    if st.st_uid != me:
+        import pwd
+
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = f"uid {st.st_uid}"
+        raise LaunchError(f"the sandbox {sandbox} belongs to {owner}, not to {pwd.getpwuid(me).pw_name}: the VM's "
+                          f"console log and sockets would live where another user controls them",
+                          hint="run from the job's own directory ($_CONDOR_SCRATCH_DIR) or give --sandbox DIR "
+                               "of your own")
+
+
 def _rss_mib(pid: int | str) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -510,6 +534,7 @@ def start(spec: LaunchSpec, *, host: HostFacts | None = None, slot: Slot | None 
     """Render, create the cgroup, start the domain paused, move qemu into the cgroup, resume."""
     from vmtool.launch.host import host_facts
 
+    _check_sandbox(spec.sandbox)
     uri = spec.uri or default_uri()
     conn = connect(uri)
     try:
