@@ -131,7 +131,7 @@ class SessionDaemon:
             (d / sub).mkdir(parents=True, mode=0o700, exist_ok=True)
         # stdio_handler=file: qemu's stderr goes to a file in the cache dir, not through a virtlogd that
         # the daemon would auto-start and leave behind.
-        (d / "config" / "libvirt" / "qemu.conf").write_text('stdio_handler = "file"\n')
+        (d / "config" / "libvirt" / "qemu.conf").write_text('stdio_handler = "file"\nmax_core = 0\n')
         self._caps_cache()
         env = {"XDG_RUNTIME_DIR": str(d / "run"), "XDG_CONFIG_HOME": str(d / "config"),
                "XDG_CACHE_HOME": str(d / "cache"), "HOME": str(d)}
