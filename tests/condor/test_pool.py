@@ -114,8 +114,8 @@ def test_failing_vmimage_url_is_held_with_vmtool_error(condor_pool: Pool, guests
 
 def test_guest_over_its_memory_is_held(condor_pool: Pool, guests: dict[str, str]) -> None:
     text = launch_sub("hog", guests["hog"])
-    # the scenario: a 1 GiB guest that fills its memory, in a 512 MiB slot
-    text = re.sub(r"(?m)^request_memory\s*=.*$", "request_memory          = 512", text)
+    # the scenario: a 1 GiB guest that fills its memory, in a 768 MiB slot
+    text = re.sub(r"(?m)^request_memory\s*=.*$", "request_memory          = 768", text)
     text = re.sub(r"(?m)^(arguments\s*=.*)$", r"\1 --memory 1024", text)
     job = submit_launch(condor_pool, "hog", text)
     condor_pool.wait(job, (5, 4, 3))
@@ -125,7 +125,7 @@ def test_guest_over_its_memory_is_held(condor_pool: Pool, guests: dict[str, str]
     assert "exceeded the slot's memory" in ad["HoldReason"], ad
     report = json.loads(_read(job, "vm-report.json"))
     assert report["exit_reason"] == "memory" and report["exit_code"] == 5, report
-    assert "vmtool-test: hogging" in _read(job, "console.log")
+    assert "vmtool-test: hogging" in _read(job, "console.log"), report
     condor_pool.run(["condor_rm", str(job.cluster)], user="jobu")
 
 
