@@ -122,7 +122,7 @@ def test_guest_over_its_memory_is_held(condor_pool: Pool, guests: dict[str, str]
     condor_pool.wait(job, (5, 4, 3))
     ad = job.ad
     assert ad["JobStatus"] == 5, (ad.get("ExitCode"), _read(job, "vm-report.json"), _read(job, "launch.err"))
-    assert ad["HoldReasonCode"] == 3, ad  # JobPolicy: the submit file's on_exit_hold, not HTCondor's OOM
+    assert ad["HoldReasonCode"] == 3 and ad["HoldReasonSubCode"] == 5, ad  # JobPolicy: the submit file's on_exit_hold, not HTCondor's OOM
     assert "exceeded the slot's memory" in ad["HoldReason"], ad
     report = json.loads(_read(job, "vm-report.json"))
     assert report["exit_reason"] == "memory" and report["exit_code"] == 5, report
