@@ -11,11 +11,12 @@ import pytest
 from lxml import etree
 
 from tests.unit.test_cgroups_fake import V2_SELF, _fake_proc, _v1_tree, _v2_tree
-from tests.unit.test_domain_render import SLOT, TCG, fake_manifest, qcow2
-from vmtool.domain.policy import HostFacts, RenderOptions, kernel_cmdline, kernel_words, render
+from tests.unit.test_domain_render import SLOT, TCG, fake_boot, qcow2
+from vmtool.domain.policy import RenderOptions, kernel_cmdline, kernel_words, render
 from vmtool.errors import DomainError
 from vmtool.fsutil import unsafe_dir
 from vmtool.launch import cgroups
+from vmtool.launch.host import HostFacts
 
 pytestmark = pytest.mark.unit
 
@@ -31,8 +32,7 @@ def test_append_words_are_split_and_quoted_the_kernel_way() -> None:
 
 
 def test_render_append_and_seclabel_follow_the_connection(tmp_path: Path) -> None:
-    man = fake_manifest(tmp_path)
-    opts = RenderOptions(sandbox=tmp_path, disks=(qcow2(tmp_path / "root.qcow2"),), manifest=man,
+    opts = RenderOptions(sandbox=tmp_path, disks=(qcow2(tmp_path / "root.qcow2"),), boot=fake_boot(tmp_path),
                          extra_cmdline=("a=1 b", 'msg="x y"'), seed=1)
     system = etree.fromstring(render(None, opts, TCG, SLOT).xml.encode())
     cmdline = system.findtext("os/cmdline") or ""
