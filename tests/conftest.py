@@ -19,6 +19,7 @@ pytest_plugins = [
     "tests.fixtures.beanstalk",
     "tests.fixtures.cloud",
     "tests.fixtures.squid",
+    "tests.fixtures.slotuser",
 ]
 
 os.environ.setdefault("PATH", "/usr/bin:/bin")

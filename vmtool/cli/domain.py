@@ -27,7 +27,8 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
                    help="memory limit of the VM's cgroup (default: guest memory + qemu's overhead)")
     p.add_argument("--machine-ad", type=Path, metavar="FILE",
                    help="the slot's machine ClassAd (default: $_CONDOR_MACHINE_AD)")
-    p.add_argument("--uri", default="qemu:///system", help="libvirt URI (default: %(default)s)")
+    p.add_argument("--uri", help="libvirt URI (default: qemu:///system for root; for other users "
+                                 "qemu:///session, served by a private libvirtd vmtool starts and stops)")
     p.add_argument("--sandbox", type=Path, help="the job's directory (default: $_CONDOR_SCRATCH_DIR or .)")
     p.add_argument("--name", help="domain name (default: vmtool-<job id or pid>-<random>)")
     p.add_argument("--network", default="user",
@@ -91,8 +92,9 @@ def _render(args: argparse.Namespace) -> int:
         host = HostFacts(emulator, arch, machines, types, kvm, why)
     else:
         from vmtool.launch.host import host_facts
+        from vmtool.launch.libvirtconn import default_uri
 
-        host = host_facts(args.uri)
+        host = host_facts(args.uri or default_uri())
         if args.accel:
             host = dataclasses.replace(host, kvm=args.accel == "kvm", kvm_reason=f"--accel {args.accel}")
     source = None

@@ -103,7 +103,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     w.add_argument("--workdir", type=Path, help="where overlays and sockets live (default: a temp dir here)")
     w.add_argument("--no-cgroup", action="store_true", help="leave the VMs where libvirt puts them")
     w.add_argument("--cgroup-parent", help="slot cgroup for the VMs (default: this process's own)")
-    w.add_argument("--uri", default="qemu:///system", help="libvirt URI")
+    w.add_argument("--uri", help="libvirt URI (default: qemu:///system for root, qemu:///session otherwise)")
     w.add_argument(
         "--network",
         default=None,

@@ -237,16 +237,16 @@ class _Renderer:
             cmdline = boot.cmdline.split()
             if not any(a.startswith("console=") for a in cmdline):
                 cmdline.append("console=ttyS0")
-            cmdline += list(self.opts.extra_cmdline)
+            cmdline += kernel_words(self.opts.extra_cmdline)
             d.os_kernel = str(boot.kernel)
             d.os_initrd = str(boot.initrd)
-            d.os_cmdline = shlex.join(cmdline) if any(" " in a for a in cmdline) else " ".join(cmdline)
+            d.os_cmdline = kernel_cmdline(cmdline)
             self.change(f"direct kernel boot from {boot.kernel}")
         elif self.opts.extra_cmdline:
             if d.os_kernel is None:
                 raise DomainError("extra kernel arguments need direct kernel boot",
                                   hint="give --manifest, or drop the extra kernel arguments")
-            d.os_cmdline = " ".join([d.os_cmdline or "", *self.opts.extra_cmdline]).strip()
+            d.os_cmdline = " ".join([d.os_cmdline or "", kernel_cmdline(kernel_words(self.opts.extra_cmdline))]).strip()
         d.on_poweroff = "destroy"
         d.on_crash = "destroy"
         if d.on_reboot is None:
@@ -369,6 +369,10 @@ class _Renderer:
                 a.remove()
 
     def seclabel(self) -> None:
+        if "dac" not in self.host.secmodels:
+            # qemu:///session runs qemu as the caller and refuses a DAC label ("Security driver model
+            # 'dac' is not available"); qemu then has exactly the job user's rights.
+            return
         uid, gid = self.opts.run_as or (os.getuid(), os.getgid())
         sec = self.dom.seclabels.add(type="static", model="dac", relabel="no")
         sec.label = f"+{uid}:+{gid}"
@@ -426,6 +430,32 @@ def _check_overlay(p: Path) -> None:
     if magic != b"QFI\xfb":
         raise DomainError(f"disk {p} is not a qcow2 image",
                           hint="make an overlay: qemu-img create -f qcow2 -F raw -b BASE OVERLAY.qcow2")
+
+
+def kernel_words(args: tuple[str, ...] | list[str]) -> list[str]:
+    """Each --append ARG split into words the shell's way: "a=1 b" is two arguments, 'm="x y"' one."""
+    out: list[str] = []
+    for a in args:
+        try:
+            out += shlex.split(a)
+        except ValueError as e:
+            raise DomainError(f"--append {a!r}: {e}", hint='close the quote, e.g. --append \'msg="a b"\'') from None
+    return out
+
+
+def kernel_cmdline(words: list[str]) -> str:
+    """Join words the way the kernel parses them (parse_args): it knows double quotes, not single
+    ones, and cannot escape a double quote; a value with blanks becomes key="value"."""
+    out = []
+    for w in words:
+        if '"' in w:
+            raise DomainError(f"kernel argument {w!r} contains a double quote, which the kernel cannot parse",
+                              hint="drop the quote from the argument")
+        if any(c.isspace() for c in w):
+            key, eq, value = w.partition("=")
+            w = f'{key}="{value}"' if eq and key and not any(c.isspace() for c in key) else f'"{w}"'
+        out.append(w)
+    return " ".join(out)
 
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "domain.xml"

@@ -130,7 +130,7 @@ class VMFactory:
     # Relay mode needs no guest network at all: without a NIC the guest cannot reach the queue (or
     # anything else); user-mode networking would let it reach the host's loopback at 10.0.2.2.
     network: str = "none"
-    uri: str = "qemu:///system"
+    uri: str | None = None  # None: vmtool.launch's default (system for root, a private session otherwise)
     name_prefix: str = "vmtool-q"
 
     def __call__(self, slot: int) -> Any:

@@ -57,6 +57,7 @@ class _Base:
     hit: bool
     fetched: int
     via: str = ""
+    cache: Cache | None = None  # where the base is, when not the cache staged into (a read-only upstream)
 
 
 def default_name(src: Source) -> str:
@@ -95,13 +96,15 @@ def stage(
             into_p.mkdir(parents=True, exist_ok=True)  # only now: a failed stage leaves no empty DIR
         except OSError as e:
             raise os_error(e, f"cannot create {into_p}") from None
-        with cache.lock(f"base-{b.sha256}", shared=True):
-            base = cache.base_path(b.sha256, b.format)
+        where = b.cache or cache
+        with where.lock(f"base-{b.sha256}", shared=True):
+            base = where.base_path(b.sha256, b.format)
             if not base.exists():
                 continue  # pruned between fetch and now: fetch again
+            where.check_base(base)
             make_overlay(base, b.format, dest, b.virtual_size)
-            cache.add_ref(b.sha256, dest)
-            cache.touch(b.sha256)
+            where.add_ref(b.sha256, dest)
+            where.touch(b.sha256)
         return StageResult(
             overlay=dest,
             base=base,
@@ -130,6 +133,15 @@ def _from_meta(cache: Cache, sha: str, fmt: str) -> int:
 
 
 def _resolve_base(src: Source, cache: Cache, *, deadline: float | None, progress: bool) -> _Base:
+    if cache.upstream is not None:
+        # the node's root-owned cache first: what the admin added there is never fetched again
+        try:
+            up = _resolve_base(src, cache.upstream, deadline=deadline, progress=progress)
+        except _Miss:
+            pass
+        else:
+            up.cache = cache.upstream
+            return up
     if src.sha256:
         found = cache.find_base(src.sha256)
         if found and (src.format is None or found[1] == src.format):
@@ -138,6 +150,8 @@ def _resolve_base(src: Source, cache: Cache, *, deadline: float | None, progress
     hit = _index_hit(src, cache, ident)
     if hit:
         return hit
+    if cache.readonly:
+        raise _Miss()
     owner = key_hash(ident)
     with cache.lock(f"src-{owner}"):
         hit = _index_hit(src, cache, ident)  # another stager fetched it while we waited
@@ -147,6 +161,10 @@ def _resolve_base(src: Source, cache: Cache, *, deadline: float | None, progress
         return _fetch_into_cache(src, cache, ident, owner, deadline=deadline, progress=progress)
 
 
+class _Miss(Exception):
+    """Not in a read-only cache: fetch into the writable one."""
+
+
 def _index_hit(src: Source, cache: Cache, ident: str) -> _Base | None:
     e = cache.index_get(ident)
     if not e:
@@ -154,6 +172,7 @@ def _index_hit(src: Source, cache: Cache, ident: str) -> _Base | None:
     sha, fmt = str(e.get("sha256", "")), str(e.get("format", ""))
     if not cache.base_path(sha, fmt).exists():
         return None
+    cache.check_base(cache.base_path(sha, fmt))
     if src.sha256 and sha != src.sha256:
         raise TransferFailed(
             f"checksum mismatch for {src.text}: expected sha256 {src.sha256}, the source has {sha}",
@@ -192,6 +211,8 @@ def _fetch_into_cache(
         info = check_base(tmp, src.format, what=src.text)
         os.chmod(tmp, 0o444)
         base = cache.base_path(sha, info.format)
+        if base.exists():
+            cache.check_base(base)  # planted under the right name by another user: refuse, do not trust
         meta = cache.meta(sha)
         sources = list(meta.get("sources") or [])
         if src.text not in sources:
@@ -221,6 +242,16 @@ def _fetch_into_cache(
             bar.close("failed")
         discard_part(tmp)  # an http part cut by the network stays, for the next stage to resume
         raise
+
+
+def add_to_cache(src: Source, cache: Cache, *, deadline: float | None = None, progress: bool = True) -> StageResult:
+    """Fetch and verify a base into `cache` with no overlay (`vmtool cache add`, e.g. by root into the
+    node's shared read-only cache)."""
+    b = _resolve_base(src, cache, deadline=deadline, progress=progress)
+    where = b.cache or cache
+    base = where.base_path(b.sha256, b.format)
+    return StageResult(overlay=base, base=base, sha256=b.sha256, format=b.format, virtual_size=b.virtual_size,
+                       cache_hit=b.hit, fetched_bytes=b.fetched, source=src.text)
 
 
 def _fsync_dir(d: Path) -> None:
