@@ -15,10 +15,10 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmtool.domain.model import Domain
 from vmtool.domain.policy import Rendered, RenderOptions, render
@@ -26,7 +26,11 @@ from vmtool.domain.slot import Slot, discover_slot
 from vmtool.errors import CgroupError, LaunchError, VmtoolError
 from vmtool.launch import cgroups
 from vmtool.launch.host import HostFacts
+from vmtool.launch.netns import NetCounters, NetOptions, VMNetwork
 from vmtool.launch.libvirtconn import connect, libvirt_module, unwatch_lifecycle, watch_lifecycle
+
+if TYPE_CHECKING:
+    from vmtool.condor.chirp import Chirper
 
 log = logging.getLogger("vmtool.launch")
 
@@ -64,6 +68,8 @@ class LaunchSpec:
     cgroup_parent: str | None = None
     machine_ad: Path | None = None
     grace: float = 30.0
+    net: NetOptions = NetOptions()  # with render.network == "nat": policy, LAN prefixes, accounting
+    chirp: bool = False  # put the network figures into the job's ad while it runs (condor_chirp)
 
 
 @dataclass
@@ -74,11 +80,25 @@ class VMStats:
     disk_write_bytes: int | None = None
     net_rx_bytes: int | None = None
     net_tx_bytes: int | None = None
+    # --network nat only: the same bytes split by the LAN prefixes, and packets the policy dropped
+    net_rx_lan_bytes: int | None = None
+    net_rx_wan_bytes: int | None = None
+    net_tx_lan_bytes: int | None = None
+    net_tx_wan_bytes: int | None = None
+    net_dropped_packets: int | None = None
     oom_kills: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("cpu_seconds", "peak_memory_bytes", "disk_read_bytes",
-                                              "disk_write_bytes", "net_rx_bytes", "net_tx_bytes", "oom_kills")}
+        return {k: getattr(self, k) for k in (
+            "cpu_seconds", "peak_memory_bytes", "disk_read_bytes", "disk_write_bytes", "net_rx_bytes",
+            "net_tx_bytes", "net_rx_lan_bytes", "net_rx_wan_bytes", "net_tx_lan_bytes", "net_tx_wan_bytes",
+            "net_dropped_packets", "oom_kills")}
+
+    def set_net(self, c: NetCounters) -> None:
+        self.net_rx_bytes, self.net_tx_bytes = c.rx, c.tx
+        self.net_rx_lan_bytes, self.net_rx_wan_bytes = c.rx_lan, c.rx_wan
+        self.net_tx_lan_bytes, self.net_tx_wan_bytes = c.tx_lan, c.tx_wan
+        self.net_dropped_packets = c.dropped
 
 
 @dataclass
@@ -158,7 +178,8 @@ def _qemu_pid(name: str, uri: str) -> int:
 class RunningVM:
     """A started domain; use as a context manager so close() always runs."""
 
-    def __init__(self, spec: LaunchSpec, rendered: Rendered, conn: Any, cgroup: cgroups.VMCgroup | None) -> None:
+    def __init__(self, spec: LaunchSpec, rendered: Rendered, conn: Any, cgroup: cgroups.VMCgroup | None,
+                 net: VMNetwork | None = None) -> None:
         self.spec = spec
         self.rendered = rendered
         self.name = rendered.name
@@ -179,7 +200,9 @@ class RunningVM:
         dom = Domain.from_xml(rendered.xml)
         self._disk_targets = [d.target_dev or "" for d in dom.disks if d.has("./target")]
         self._macs = [n.mac or "" for n in dom.interfaces if n.has("./mac")]
-        self._net_counted = bool(self._macs)
+        self.net = net
+        self._net_counted = bool(self._macs) and net is None
+        self._chirp: Chirper | None = None
         self.reason: ExitReason | None = None
         self.detail = ""
 
@@ -208,12 +231,33 @@ class RunningVM:
         if self.cgroup is not None:
             self.cgroup.add_pid(self.pid)
             log.debug("qemu moved into %s", self.cgroup.describe())
+        self._attach_network()
         try:
             self._dom.resume()
         except libvirt.libvirtError as e:
             raise LaunchError(f"libvirt could not resume the domain: {e.get_error_message()}") from None
         self.started = time.monotonic()
         log.debug("domain %s resumed", self.name)
+
+    def _attach_network(self) -> None:
+        """qemu has opened the tap; move it behind the VM's namespace before the guest runs."""
+        if self.net is None:
+            return
+        self.net.attach()
+        self.warnings.extend(self.net.notes)
+        if self.spec.chirp:
+            from vmtool.condor.chirp import Chirper
+
+            self._chirp = Chirper()
+
+    def _poll_network(self, final: bool = False) -> None:
+        if self.net is None:
+            return
+        self._stats.set_net(self.net.counters())
+        if self._chirp is not None:
+            note = self._chirp.update(self._stats, final=final)
+            if note:
+                self.warnings.append(note)
 
     # -- control --------------------------------------------------------------------------------------
 
@@ -243,6 +287,7 @@ class RunningVM:
                 except libvirt.libvirtError:
                     # user-mode networking has no host interface to count on; do not ask again
                     self._net_counted = False
+            self._poll_network()
             if self.cgroup is None:
                 try:
                     info = self._dom.info()
@@ -374,6 +419,7 @@ class RunningVM:
         except VmtoolError as e:
             errors.append(e.message)
         self._wait_qemu_gone()
+        self._close_network(errors)
         if self.cgroup is not None:
             self.poll_stats()
             try:
@@ -386,6 +432,15 @@ class RunningVM:
         log.debug("domain %s cleaned up", self.name)
         if errors:
             raise LaunchError("cleanup failed: " + "; ".join(errors))
+
+    def _close_network(self, errors: list[str]) -> None:
+        if self.net is None:
+            return
+        try:
+            self._poll_network(final=True)
+            self.net.close()
+        except VmtoolError as e:
+            errors.append(e.message)
 
     def __enter__(self) -> RunningVM:
         return self
@@ -404,19 +459,38 @@ def start(spec: LaunchSpec, *, host: HostFacts | None = None, slot: Slot | None 
 
     conn = connect(spec.uri)
     host = host or host_facts(spec.uri, conn=conn)
-    rendered = render_for(spec, host, slot)
-    log.debug("rendered %s (%s, %d vCPU, %d MiB)", rendered.name, rendered.accel, rendered.cpus, rendered.memory_mib)
-    cg = None
-    if spec.use_cgroup:
-        cg = cgroups.create(rendered.name, memory_bytes=rendered.memory_limit_mib << 20, cpus=rendered.cpus,
-                            parent=spec.cgroup_parent)
-    vm = RunningVM(spec, rendered, conn, cg)
+    net = _network_for(spec)
+    try:
+        if net is not None:
+            spec = replace(spec, render=replace(spec.render, tap=net.tap))
+        rendered = render_for(spec, host, slot)
+        log.debug("rendered %s (%s, %d vCPU, %d MiB)", rendered.name, rendered.accel, rendered.cpus,
+                  rendered.memory_mib)
+        cg = None
+        if spec.use_cgroup:
+            cg = cgroups.create(rendered.name, memory_bytes=rendered.memory_limit_mib << 20, cpus=rendered.cpus,
+                                parent=spec.cgroup_parent)
+    except BaseException:
+        if net is not None:
+            net.close()
+        raise
+    vm = RunningVM(spec, rendered, conn, cg, net)
     try:
         vm._start()
     except BaseException:
         vm.close()
         raise
     return vm
+
+
+def _network_for(spec: LaunchSpec) -> VMNetwork | None:
+    """The VM's own namespace, links and tables for --network nat (vmtool.launch.netns)."""
+    if spec.render.network != "nat":
+        return None
+    from vmtool.launch import netns
+
+    uid, gid = spec.render.run_as or (os.getuid(), os.getgid())
+    return netns.setup(spec.net, uid=uid, gid=gid)
 
 
 @contextmanager
