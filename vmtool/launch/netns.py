@@ -146,7 +146,7 @@ def _links() -> set[str]:
 
 def _take_lock(n: int) -> IO[str] | None:
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
-    f = open(LOCK_DIR / f"{n}.lock", "a+")  # noqa: SIM115 - held for the VM's lifetime
+    f = open(LOCK_DIR / f"{n}.lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

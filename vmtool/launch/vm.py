@@ -26,8 +26,8 @@ from vmtool.domain.slot import Slot, discover_slot
 from vmtool.errors import CgroupError, LaunchError, VmtoolError
 from vmtool.launch import cgroups
 from vmtool.launch.host import HostFacts
-from vmtool.launch.netns import NetCounters, NetOptions, VMNetwork
 from vmtool.launch.libvirtconn import connect, libvirt_module, unwatch_lifecycle, watch_lifecycle
+from vmtool.launch.netns import NetCounters, NetOptions, VMNetwork
 
 if TYPE_CHECKING:
     from vmtool.condor.chirp import Chirper
