@@ -90,7 +90,7 @@ def test_a_lan_wan_accounting(libvirt_uri: str, netlab: NetLab, tmp_path: Path) 
     manifest, img = _guest(tmp_path, "fetch", body)
     lan0, wan0 = netlab.lan.sent(), netlab.wan.sent()
     opts = RenderOptions(sandbox=tmp_path, boot=BootFiles.of(mf.load(manifest)),
-                         disks=(overlay(img, tmp_path / "a.qcow2"),), memory_mib=256, network="nat")
+                         disks=(overlay(img, tmp_path / "a.qcow2"),), memory_mib=512, network="nat")
     spec = LaunchSpec(opts, uri=libvirt_uri, use_cgroup=False, timeout=300,
                       net=netns.NetOptions(lan=(netns.NetOptions.parse_lan("10.201.0.0/16"),)))
     report = launch(spec)
@@ -123,7 +123,7 @@ def test_b_allow_net_drops_and_sigterm(libvirt_uri: str, netlab: NetLab, tmp_pat
     report = tmp_path / "report.json"
     console = tmp_path / "b.console.log"
     proc = _cli(["--manifest", str(manifest), "--disk", str(overlay(img, tmp_path / "b.qcow2")),
-                 "--sandbox", str(tmp_path), "--uri", libvirt_uri, "--no-cgroup", "--memory", "256",
+                 "--sandbox", str(tmp_path), "--uri", libvirt_uri, "--no-cgroup", "--memory", "512",
                  "--console-log", str(console), "--network", "nat", "--grace", "2",
                  "--allow-net", f"{netlab.lan.addr}/32:8080", "--report", str(report), "--json"])
     text = _wait_console(console, "vmtool-test: policy done", proc, timeout=400)
@@ -146,7 +146,7 @@ def test_c_sigkill_leaves_nothing(libvirt_uri: str, netlab: NetLab, tmp_path: Pa
     manifest, img = _guest(tmp_path, "idle", "sleep 600\n")
     console = tmp_path / "c.console.log"
     proc = _cli(["--manifest", str(manifest), "--disk", str(overlay(img, tmp_path / "c.qcow2")),
-                 "--sandbox", str(tmp_path), "--uri", libvirt_uri, "--no-cgroup", "--memory", "256",
+                 "--sandbox", str(tmp_path), "--uri", libvirt_uri, "--no-cgroup", "--memory", "512",
                  "--console-log", str(console), "--network", "nat"])
     _wait_console(console, "vmtool-test: lease", proc, timeout=400)
     assert netns.leftovers()  # the VM's host-side veth and NAT table exist while it runs

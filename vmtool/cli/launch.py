@@ -66,10 +66,11 @@ def _launch(args: argparse.Namespace) -> int:
         raise LaunchError("--timeout must be positive")
     stop = threading.Event()
     try:
+        net = net_options_of(args, args.network)  # before the manifest is read: bad flags fail first
         spec = LaunchSpec(
             render=render_options_of(args), domain_xml=Path(args.domain) if args.domain else None,
             timeout=args.timeout, uri=args.uri, use_cgroup=not args.no_cgroup, cgroup_parent=args.cgroup_parent,
-            machine_ad=args.machine_ad, grace=args.grace, net=net_options_of(args, args.network),
+            machine_ad=args.machine_ad, grace=args.grace, net=net,
             chirp=args.chirp,
         )
         with _signals_to(stop):
