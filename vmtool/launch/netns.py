@@ -235,11 +235,11 @@ def _ruleset(n: int, opts: NetOptions, lan: list[ipaddress.IPv4Network]) -> str:
             # at the border: in before conntrack undoes the masquerade, out after it is applied
             "  chain count_in { type filter hook prerouting priority -300;",
             f'    iifname "{ns_if}" ip saddr @lan counter name "rx_lan" accept',
-            f'    iifname "{ns_if}" counter name "rx_wan"',
+            f'    iifname "{ns_if}" meta nfproto ipv4 counter name "rx_wan"',
             "  }",
             "  chain count_out { type filter hook postrouting priority 300;",
             f'    oifname "{ns_if}" ip daddr @lan counter name "tx_lan" accept',
-            f'    oifname "{ns_if}" counter name "tx_wan"',
+            f'    oifname "{ns_if}" meta nfproto ipv4 counter name "tx_wan"',
             "  }",
         ]
     lines.append("}")
