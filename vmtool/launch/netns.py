@@ -6,10 +6,10 @@ in the host's network namespace). The layout, for VM slot N (a /30 out of 100.64
     guest eth0 10.0.2.15 --tap vmtN-t-- [namespace: 10.0.2.2 gw, 10.0.2.3 DNS/DHCP (dnsmasq)]
         --veth vmtN-n 100.64.a.b+2 / vmtN-h 100.64.a.b+1-- host --masquerade--> the host's networks
 
-- The namespace is made by a holder process (`unshare --net --fork --kill-child`), which dies with
-  vmtool even after SIGKILL (parent-death signal): the namespace then has no process left, and the
-  kernel deletes it with the tap, the namespace end of the veth (so the host end too), dnsmasq (also
-  parent-death-signalled) and the namespace's nftables table.
+- The namespace is made by a holder process (`unshare --net sh`) reading from a pipe of vmtool's; when
+  vmtool closes it or dies (even by SIGKILL) the holder kills dnsmasq and ends: the namespace then has
+  no process left, and the kernel deletes it with the tap, the namespace end of the veth (so the host
+  end too) and the namespace's nftables table.
 - The host's table (`ip vmtool_nN`, masquerade of the namespace's one address) has the nftables
   `owner` flag and is held by an `nft -i` process that also dies with vmtool, so the kernel drops it.
 - qemu (run by libvirtd in the host namespace) opens the tap there, while the domain is paused; the tap
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from vmtool.errors import CommandError, LaunchError
-from vmtool.run import DEVNULL, PIPE, Popen, find_tool, run, spawn
+from vmtool.run import DEVNULL, PIPE, Popen, TimeoutExpired, find_tool, run, spawn
 
 LOCK_DIR = Path("/run/vmtool/net")
 PREFIX = "vmt"
@@ -255,6 +255,9 @@ def _ensure_forwarding() -> bool:
     return True
 
 
+HOLDER = 'pids=; while read -r p; do pids="$pids $p"; done; [ -n "$pids" ] && kill -9 $pids 2>/dev/null; exit 0'
+
+
 def _pdeath(argv: list[str]) -> list[str]:
     # The child gets SIGKILL when the thread that started it ends, SIGKILL of vmtool included.
     return ["setpriv", "--pdeathsig", "KILL", "--", *argv]
@@ -288,8 +291,9 @@ class VMNetwork:
         return run(["nsenter", "-t", str(self.pid), "-n", "--", *argv], **kw)
 
     def _create(self, uid: int, gid: int) -> None:
-        self._holder = spawn(_pdeath(["unshare", "--net", "--fork", "--kill-child=KILL", "--",
-                                      "sleep", "infinity"]), stderr=DEVNULL)
+        # The holder is a shell in the new namespace reading pids from vmtool; at EOF (vmtool closed the
+        # VM or died) it kills them (dnsmasq drops capabilities, which clears its parent-death signal).
+        self._holder = spawn(["unshare", "--net", "--", "sh", "-c", HOLDER], stdin=PIPE, stderr=DEVNULL)
         end = time.monotonic() + 5
         host_ns = os.readlink("/proc/self/ns/net")
         while True:
@@ -353,6 +357,9 @@ class VMNetwork:
                 f"--dhcp-option=option:router,{GATEWAY}", f"--dhcp-option=option:dns-server,{RESOLVER}",
                 "--user=root",
             ]), stderr=DEVNULL)
+            assert self._holder is not None and self._holder.stdin is not None
+            self._holder.stdin.write(f"{self._dnsmasq.pid}\n".encode())
+            self._holder.stdin.flush()
         self.attached = True
 
     # -- accounting ------------------------------------------------------------------------------------
@@ -395,9 +402,14 @@ class VMNetwork:
         """Remove everything now (the kernel would also do it when vmtool dies); safe to call twice."""
         if self._holder is not None and self._holder.poll() is None:
             self.counters()
+        if self._holder is not None and self._holder.stdin is not None:
+            self._holder.stdin.close()  # the holder kills what it was told of, and ends
         for p in (self._dnsmasq, self._nft, self._holder):
             if p is not None and p.poll() is None:
-                p.kill()
+                try:
+                    p.wait(2 if p is self._holder else 0.01)
+                except TimeoutExpired:
+                    p.kill()
             if p is not None:
                 p.wait()
                 for s in (p.stdin, p.stderr):
