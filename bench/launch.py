@@ -151,7 +151,8 @@ def time_download(manifest: Path, img: Path, work: Path, network: str, counters:
     from vmtool.launch.netns import NetOptions
 
     opts = RenderOptions(sandbox=work, boot=BootFiles.of(mf.load(manifest)), disks=(overlay(img, work / "n.qcow2"),),
-                         memory_mib=MEMORY_MIB, network=network, console_log=work / f"{network}.console.log")
+                         memory_mib=MEMORY_MIB, network=network,
+                         console_log=work / f"{network}-{'counted' if counters else 'uncounted'}.console.log")
     report = launch(LaunchSpec(opts, uri=URI, use_cgroup=False, timeout=1200, net=NetOptions(counters=counters)))
     text = report.console_log.read_text(errors="replace")
     for line in text.splitlines():
@@ -162,7 +163,9 @@ def time_download(manifest: Path, img: Path, work: Path, network: str, counters:
                 raise SystemExit(f"{network}: the guest got {got} bytes")
             if network == "nat" and counters and (report.stats.net_rx_bytes or 0) < got:
                 raise SystemExit(f"nat: only {report.stats.net_rx_bytes} bytes counted")
-            return NET_MIB / max(t1 - t0, 0.01)
+            rate = NET_MIB / max(t1 - t0, 0.01)
+            print(f"  {network}{'' if counters else ' (counters off)'}: {rate:.2f} MiB/s", flush=True)
+            return rate
     raise SystemExit(f"{network}: no download in the guest:\n{text[-1500:]}")
 
 
