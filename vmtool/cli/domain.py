@@ -32,7 +32,8 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sandbox", type=Path, help="the job's directory (default: $_CONDOR_SCRATCH_DIR or .)")
     p.add_argument("--name", help="domain name (default: vmtool-<job id or pid>-<random>)")
     p.add_argument("--network", default="user",
-                   help="'user' (user-mode networking, default), 'none', or a libvirt network name")
+                   help="'user' (user-mode networking, default), 'none', 'nat' (the VM's own network namespace "
+                        "with NAT, accounting and --allow-net; root, see docs/launch.md), or a libvirt network name")
     p.add_argument("--graphics", action="store_true", help="keep VNC/SPICE graphics, bound to 127.0.0.1")
     p.add_argument("--console-log", type=Path, help="serial console file (default: SANDBOX/NAME.console.log)")
     p.add_argument("--append", action="append", default=[], metavar="ARG",

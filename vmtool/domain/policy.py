@@ -13,7 +13,8 @@ Rules, in the order `render()` applies them:
 - boot: the build's kernel, initrd and command line when given (`BootFiles`);
 - disks with device='disk' become the staged overlays in order (explicit qcow2 driver); every other
   disk or cdrom reading a host path outside the sandbox is removed, as are block/network/volume disks;
-- NICs become user-mode networking (or a named libvirt network, or none), with new MACs;
+- NICs become user-mode networking (or a named libvirt network, or none, or with 'nat' a tap vmtool
+  made, managed='no', in front of the VM's own network namespace), with new MACs;
 - serial/console/parallel/channel devices backed by host files, devices, sockets or the network
   outside the sandbox are removed; the serial console goes to a file in the sandbox;
 - graphics are removed (or, with graphics=True, bound to 127.0.0.1) with what depends on them
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 TCG_CPU_MODEL = "qemu64"
 DEFAULT_MEMORY_MIB = 512
 VMTOOL_PREFIX = "vmtool"
+NAT_TAP_PLACEHOLDER = "vmt-tap"  # what `vmtool domain render --network nat` shows; launch names the real one
 BLOCK_DISK_TYPES = ("block", "network", "volume", "nvme", "vhostuser", "vhostvdpa", "dir")
 
 
@@ -81,7 +83,8 @@ class RenderOptions:
     boot: BootFiles | None = None
     console_log: Path | None = None
     channels: tuple[tuple[str, Path], ...] = ()
-    network: str = "user"  # "user", "none" or the name of a libvirt network
+    network: str = "user"  # "user", "none", "nat" (vmtool.launch.netns) or the name of a libvirt network
+    tap: str | None = None  # with network="nat": the tap vmtool made for qemu (None: a placeholder name)
     graphics: bool = False
     extra_cmdline: tuple[str, ...] = ()
     run_as: tuple[int, int] | None = None  # (uid, gid) qemu runs as; None: this process's
@@ -330,6 +333,13 @@ class _Renderer:
         if self.opts.network == "user":
             nic.type = "user"
             nic.source_network = None
+            nic.target_dev = None
+        elif self.opts.network == "nat":
+            # A tap vmtool made beforehand (managed='no': libvirt neither creates nor deletes it);
+            # the guest's own network namespace is behind it (vmtool.launch.netns).
+            nic.type = "ethernet"
+            nic.source_network = None
+            nic.target_dev, nic.target_managed = self.opts.tap or NAT_TAP_PLACEHOLDER, "no"
         else:
             nic.type = "network"
             nic.source_network = self.opts.network

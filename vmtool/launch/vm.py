@@ -22,10 +22,10 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmtool.domain.model import Domain
 from vmtool.domain.policy import Rendered, RenderOptions, render
@@ -42,6 +42,10 @@ from vmtool.launch.libvirtconn import (
     unwatch_lifecycle,
     watch_lifecycle,
 )
+from vmtool.launch.netns import NetCounters, NetOptions, VMNetwork
+
+if TYPE_CHECKING:
+    from vmtool.condor.chirp import Chirper
 
 log = logging.getLogger("vmtool.launch")
 
@@ -82,6 +86,8 @@ class LaunchSpec:
     cgroup_parent: str | None = None
     machine_ad: Path | None = None
     grace: float = 30.0
+    net: NetOptions = NetOptions()  # with render.network == "nat": policy, LAN prefixes, accounting
+    chirp: bool = False  # put the network figures into the job's ad while it runs (condor_chirp)
 
 
 @dataclass
@@ -92,11 +98,25 @@ class VMStats:
     disk_write_bytes: int | None = None
     net_rx_bytes: int | None = None
     net_tx_bytes: int | None = None
+    # --network nat only: the same bytes split by the LAN prefixes, and packets the policy dropped
+    net_rx_lan_bytes: int | None = None
+    net_rx_wan_bytes: int | None = None
+    net_tx_lan_bytes: int | None = None
+    net_tx_wan_bytes: int | None = None
+    net_dropped_packets: int | None = None
     oom_kills: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("cpu_seconds", "peak_memory_bytes", "disk_read_bytes",
-                                              "disk_write_bytes", "net_rx_bytes", "net_tx_bytes", "oom_kills")}
+        return {k: getattr(self, k) for k in (
+            "cpu_seconds", "peak_memory_bytes", "disk_read_bytes", "disk_write_bytes", "net_rx_bytes",
+            "net_tx_bytes", "net_rx_lan_bytes", "net_rx_wan_bytes", "net_tx_lan_bytes", "net_tx_wan_bytes",
+            "net_dropped_packets", "oom_kills")}
+
+    def set_net(self, c: NetCounters) -> None:
+        self.net_rx_bytes, self.net_tx_bytes = c.rx, c.tx
+        self.net_rx_lan_bytes, self.net_rx_wan_bytes = c.rx_lan, c.rx_wan
+        self.net_tx_lan_bytes, self.net_tx_wan_bytes = c.tx_lan, c.tx_wan
+        self.net_dropped_packets = c.dropped
 
 
 @dataclass
@@ -183,8 +203,9 @@ def _qemu_pid(name: str, uri: str) -> int:
 class RunningVM:
     """A started domain; use as a context manager so close() always runs."""
 
-    def __init__(self, spec: LaunchSpec, rendered: Rendered, conn: Any, cgroup: cgroups.VMCgroup | None, *,
-                 uri: str = "", cgroup_mode: str = "none", slot_cgroup: cgroups.SlotCgroup | None = None) -> None:
+    def __init__(self, spec: LaunchSpec, rendered: Rendered, conn: Any, cgroup: cgroups.VMCgroup | None,
+                 net: VMNetwork | None = None, *, uri: str = "", cgroup_mode: str = "none",
+                 slot_cgroup: cgroups.SlotCgroup | None = None) -> None:
         self.spec = spec
         self.uri = uri or spec.uri or default_uri()
         self.cgroup_mode = cgroup_mode
@@ -210,7 +231,9 @@ class RunningVM:
         dom = Domain.from_xml(rendered.xml)
         self._disk_targets = [d.target_dev or "" for d in dom.disks if d.has("./target")]
         self._macs = [n.mac or "" for n in dom.interfaces if n.has("./mac")]
-        self._net_counted = bool(self._macs)
+        self.net = net
+        self._net_counted = bool(self._macs) and net is None
+        self._chirp: Chirper | None = None
         self.reason: ExitReason | None = None
         self.detail = ""
 
@@ -246,12 +269,33 @@ class RunningVM:
                 Path(f"/proc/{self.pid}/oom_score_adj").write_text("1000")
             except OSError as e:
                 self.warnings.append(f"cannot raise qemu's oom_score_adj: {e.strerror}")
+        self._attach_network()
         try:
             self._dom.resume()
         except libvirt.libvirtError as e:
             raise LaunchError(f"libvirt could not resume the domain: {e.get_error_message()}") from None
         self.started = time.monotonic()
         log.debug("domain %s resumed", self.name)
+
+    def _attach_network(self) -> None:
+        """qemu has opened the tap; move it behind the VM's namespace before the guest runs."""
+        if self.net is None:
+            return
+        self.net.attach()
+        self.warnings.extend(self.net.notes)
+        if self.spec.chirp:
+            from vmtool.condor.chirp import Chirper
+
+            self._chirp = Chirper()
+
+    def _poll_network(self, final: bool = False) -> None:
+        if self.net is None:
+            return
+        self._stats.set_net(self.net.counters())
+        if self._chirp is not None:
+            note = self._chirp.update(self._stats, final=final)
+            if note:
+                self.warnings.append(note)
 
     # -- control --------------------------------------------------------------------------------------
 
@@ -281,6 +325,7 @@ class RunningVM:
                 except libvirt.libvirtError:
                     # user-mode networking has no host interface to count on; do not ask again
                     self._net_counted = False
+            self._poll_network()
             if self.cgroup is None:
                 try:
                     info = self._dom.info()
@@ -439,6 +484,7 @@ class RunningVM:
         except VmtoolError as e:
             errors.append(e.message)
         self._wait_qemu_gone()
+        self._close_network(errors)
         if self.cgroup is not None:
             self.poll_stats()
             try:
@@ -452,6 +498,15 @@ class RunningVM:
         log.debug("domain %s cleaned up", self.name)
         if errors:
             raise LaunchError("cleanup failed: " + "; ".join(errors))
+
+    def _close_network(self, errors: list[str]) -> None:
+        if self.net is None:
+            return
+        try:
+            self._poll_network(final=True)
+            self.net.close()
+        except VmtoolError as e:
+            errors.append(e.message)
 
     def __enter__(self) -> RunningVM:
         return self
@@ -521,6 +576,7 @@ def start(spec: LaunchSpec, *, host: HostFacts | None = None, slot: Slot | None 
     _check_sandbox(spec.render.sandbox)
     uri = spec.uri or default_uri()
     conn = connect(uri)
+    net: VMNetwork | None = None
     try:
         host = host or host_facts(uri, conn=conn)
         mode, parent = cgroups.choose_mode(use_cgroup=spec.use_cgroup, parent=spec.cgroup_parent)
@@ -528,6 +584,9 @@ def start(spec: LaunchSpec, *, host: HostFacts | None = None, slot: Slot | None 
         if mode == "inherited":
             slot_cg = cgroups.SlotCgroup.of_self()
             slot = _inherited_slot(slot or discover_slot(machine_ad=spec.machine_ad), slot_cg, uri)
+        net = _network_for(spec)
+        if net is not None:
+            spec = replace(spec, render=replace(spec.render, tap=net.tap))
         rendered = render_for(spec, host, slot)
         log.debug("rendered %s (%s, %d vCPU, %d MiB), cgroup mode %s", rendered.name, rendered.accel,
                   rendered.cpus, rendered.memory_mib, mode)
@@ -536,9 +595,11 @@ def start(spec: LaunchSpec, *, host: HostFacts | None = None, slot: Slot | None 
             cg = cgroups.create(rendered.name, memory_bytes=rendered.memory_limit_mib << 20, cpus=rendered.cpus,
                                 parent=parent)
     except BaseException:
+        if net is not None:
+            net.close()
         release(uri)
         raise
-    vm = RunningVM(spec, rendered, conn, cg, uri=uri, cgroup_mode=mode, slot_cgroup=slot_cg)
+    vm = RunningVM(spec, rendered, conn, cg, net, uri=uri, cgroup_mode=mode, slot_cgroup=slot_cg)
     if not host.kvm and "/dev/kvm is not readable" in host.kvm_reason:
         vm.warnings.append(f"running under TCG (slow): {host.kvm_reason}")
     try:
@@ -547,6 +608,16 @@ def start(spec: LaunchSpec, *, host: HostFacts | None = None, slot: Slot | None 
         vm.close()
         raise
     return vm
+
+
+def _network_for(spec: LaunchSpec) -> VMNetwork | None:
+    """The VM's own namespace, links and tables for --network nat (vmtool.launch.netns)."""
+    if spec.render.network != "nat":
+        return None
+    from vmtool.launch import netns
+
+    uid, gid = spec.render.run_as or (os.getuid(), os.getgid())
+    return netns.setup(spec.net, uid=uid, gid=gid)
 
 
 @contextmanager
