@@ -47,7 +47,7 @@ def test_item_roundtrip() -> None:
         (b'{"v":1,"id":"a","cmd":["x"],"bogus":1}', "unknown item field"),
         (b'{"v":1,"id":"a","cmd":["x"],"inputs":{"../etc/passwd":{"data":""}}}', "input name"),
         (b'{"v":1,"id":"a","cmd":["x"],"inputs":{"f":{"data":"@@@"}}}', "base64"),
-        (b'{"v":1,"id":"a","cmd":["x"],"inputs":{"f":{"url":"file:///etc/passwd"}}}', "http"),
+        (b'{"v":1,"id":"a","cmd":["x"],"inputs":{"f":{"url":"ftp://h/x"}}}', "s3://"),
         (b'{"v":1,"id":"a","cmd":["x"],"limits":{"timeout_s":0}}', "timeout_s"),
         (b'{"v":1,"id":"a","cmd":["x"],"limits":{"timeout_s":true}}', "timeout_s"),
         (b'{"v":1,"id":"a","cmd":["x"],"limits":{"max_output":99999999}}', "max_output"),

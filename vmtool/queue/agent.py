@@ -12,7 +12,7 @@ from importlib import resources
 
 from vmtool.errors import QueueError
 
-AGENT_VERSION = "1"
+AGENT_VERSION = "2"
 
 # relay: items and results pass over virtio-serial, the guest has no network. direct: the guest agent
 # reserves from beanstalkd itself (the seed's way; unsafe unless the server is reached through a tunnel).

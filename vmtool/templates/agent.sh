@@ -9,9 +9,14 @@
 # a network route to the queue). Binary data travels as base64 lines ended by a line holding only ".":
 #   guest: HELLO vmtool-agent <version> <mode>        (repeated every 2 s until the host answers)
 #   host:  PING                                        (keep-alive while the host waits for work)
-#   host:  ITEM <seq> <timeout_s> <max_output>         then the job script as base64 lines, then "."
-#   guest: RESULT <seq> <exit> <guest_seconds>, STDOUT + lines + ".", STDERR + lines + ".",
-#          OUTPUT <name> + lines + "." per file the job left in $VMTOOL_OUTDIR, END <seq>
+#   host:  ITEM <seq> <timeout_s> <max_output> <scratch_bytes> <nfiles>
+#          then the job script as base64 lines, then "."
+#   host:  FILE <name> <size> and <size> raw bytes       (nfiles times; the guest answers GOT <name>)
+#   guest: RESULT <seq> <exit> <guest_seconds> <scratch_used>, STDOUT + lines + ".", STDERR + lines + ".",
+#          OUTPUTS <n> then "<type> <size> <name>" per entry the job left in $VMTOOL_OUTDIR
+#   host:  SEND <name> <bytes>  (guest: DATA <name> <bytes> and the raw bytes) per output it takes; DONE
+#   guest: END <seq>
+# The item runs in $WORK, a tmpfs of <scratch_bytes> (the inputs, $VMTOOL_OUTDIR and the job's files).
 #   host:  STOP                                        (agent answers BYE and exits)
 # Direct mode: see run_direct below.
 
@@ -20,6 +25,7 @@ MODE="${VMTOOL_AGENT_MODE:-@MODE@}"
 PORT_NAME="${VMTOOL_AGENT_PORT:-org.vmtool.relay.0}"
 GRACE="${VMTOOL_AGENT_GRACE:-120}"
 WORK="${TMPDIR:-/tmp}/vmtool-item"
+CTL="${TMPDIR:-/tmp}/vmtool-ctl"
 
 log() { echo "vmtool-agent: $*" >&2; }
 
@@ -55,43 +61,110 @@ read_b64() {
 	return 1
 }
 
+# scratch_up BYTES: a fresh tmpfs of that size on $WORK (the item's scratch space), else a directory
+scratch_up() {
+	scratch_down
+	mkdir -p "$WORK"
+	mounted=0
+	if mount -t tmpfs -o "size=$((($1 + 1023) / 1024))k,mode=0700" vmtool-scratch "$WORK" 2> /dev/null; then
+		mounted=1
+	fi
+	mkdir -p "$WORK/out" "$CTL"
+}
+
+scratch_down() {
+	while grep -q " $WORK " /proc/mounts 2> /dev/null; do umount "$WORK" 2> /dev/null || umount -l "$WORK" || break; done
+	rm -rf "$WORK" "$CTL"
+}
+
+# scratch_used: bytes used in $WORK
+scratch_used() {
+	if [ "$mounted" = 1 ]; then
+		df -k "$WORK" 2> /dev/null | awk 'NR == 2 { printf "%.0f\n", $3 * 1024 }'
+	else
+		du -sk "$WORK" 2> /dev/null | awk '{ printf "%.0f\n", $1 * 1024 }'
+	fi
+}
+
+fsize() { stat -c %s "$1" 2> /dev/null || wc -c < "$1"; }
+
+# list_outputs: "OUTPUTS <n>" then "<type> <size> <name>" per entry of $WORK/out (type f file, l symlink,
+# d directory, o other, n a name that is not plain: shown as ?); the host decides what to take.
+list_outputs() {
+	n=0
+	: > "$CTL/list"
+	for f in "$WORK"/out/* "$WORK"/out/.*; do
+		b="${f##*/}"
+		case "$b" in . | ..) continue ;; esac
+		[ -e "$f" ] || [ -L "$f" ] || continue
+		n=$((n + 1))
+		[ "$n" -gt 65 ] && continue
+		if [ -L "$f" ]; then t=l; elif [ -d "$f" ]; then t=d; elif [ -f "$f" ]; then t=f; else t=o; fi
+		sz=0
+		[ "$t" = f ] && sz=$(fsize "$f")
+		case "$b" in *[!A-Za-z0-9._-]* | .* | -*) t=n b='?' ;; esac
+		[ "${#b}" -le 100 ] || { t=n; b='?'; }
+		echo "$t $sz $b" >> "$CTL/list"
+	done
+	say "OUTPUTS $n"
+	cat "$CTL/list" >&3
+}
+
 run_item() {
 	seq="$1"
 	tmo="$2"
 	maxout="$3"
-	rm -rf "$WORK"
-	mkdir -p "$WORK/out"
-	if ! read_b64 "$WORK/job.b64"; then
+	scratch="$4"
+	nfiles="$5"
+	scratch_up "$scratch"
+	if ! read_b64 "$CTL/job.b64"; then
 		log "host went away while sending item $seq"
 		return 1
 	fi
-	base64 -d "$WORK/job.b64" > "$WORK/job.sh" 2> "$WORK/decode.err"
+	base64 -d "$CTL/job.b64" > "$CTL/job.sh" 2> "$CTL/decode.err"
+	# Inputs: FILE <name> <size> and that many raw bytes each; GOT <name> (or FAIL) after each.
+	k=0
+	while [ "$k" -lt "$nfiles" ]; do
+		IFS= read -r l <&3 || return 1
+		set -- $l
+		[ "$1" = FILE ] || { log "item $seq: expected FILE, got $1"; return 1; }
+		case "$2" in *[!A-Za-z0-9._-]* | .* | -* | '') log "item $seq: bad input name"; return 1 ;; esac
+		if dd of="$WORK/$2" bs=65536 count="$3" iflag=count_bytes,fullblock <&3 2> "$CTL/dd.err" &&
+			[ "$(fsize "$WORK/$2")" = "$3" ]; then
+			say "GOT $2"
+		else
+			say "FAIL $2 $(tail -n 1 "$CTL/dd.err" | tr -cd 'A-Za-z0-9 .:_-')"
+			return 1
+		fi
+		k=$((k + 1))
+	done
 	t0=$(uptime_s)
-	(cd "$WORK" && VMTOOL_OUTDIR="$WORK/out" VMTOOL_ITEM_SEQ="$seq" \
-		timeout "$tmo" sh ./job.sh < /dev/null > "$WORK/stdout" 2> "$WORK/stderr")
+	(cd "$WORK" && VMTOOL_OUTDIR="$WORK/out" VMTOOL_ITEM_SEQ="$seq" TMPDIR="$WORK" \
+		timeout "$tmo" sh "$CTL/job.sh" < /dev/null > "$CTL/stdout" 2> "$CTL/stderr")
 	rc=$?
 	t1=$(uptime_s)
 	took=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
-	say "RESULT $seq $rc $took"
-	send_section STDOUT "$WORK/stdout" "$maxout"
-	send_section STDERR "$WORK/stderr" "$maxout"
-	nout=0
-	for f in "$WORK"/out/*; do
-		[ -f "$f" ] || continue
-		n="${f##*/}"
-		# Only plain names come back (the host refuses others), at most 16 files.
-		case "$n" in
-		*[!A-Za-z0-9._-]* | .* | -*) log "item $seq: output $n skipped (not a plain file name)"; continue ;;
+	used=$(scratch_used)
+	say "RESULT $seq $rc $took ${used:-0}"
+	send_section STDOUT "$CTL/stdout" "$maxout"
+	send_section STDERR "$CTL/stderr" "$maxout"
+	list_outputs
+	# The host asks for each output it takes: SEND <name> <bytes>; DATA <name> <bytes> and the bytes.
+	while IFS= read -r l <&3; do
+		set -- $l
+		case "$1" in
+		SEND)
+			case "$2" in *[!A-Za-z0-9._-]* | .* | -* | '') log "item $seq: bad output name from host"; return 1 ;; esac
+			say "DATA $2 $3"
+			dd if="$WORK/out/$2" bs=65536 count="$3" iflag=count_bytes 2> /dev/null >&3
+			;;
+		DONE) break ;;
+		PING) ;;
+		*) log "item $seq: unexpected $1 while sending outputs" ;;
 		esac
-		[ "${#n}" -le 100 ] || continue
-		nout=$((nout + 1))
-		[ "$nout" -gt 16 ] && { log "item $seq: more than 16 output files; the rest skipped"; break; }
-		say "OUTPUT $n"
-		head -c "$maxout" "$f" | base64 >&3
-		say .
 	done
 	say "END $seq"
-	rm -rf "$WORK"
+	scratch_down
 	return 0
 }
 
@@ -346,7 +419,7 @@ while :; do
 	line=""
 	case "$1" in
 	PING) ;;
-	ITEM) run_item "$2" "$3" "$4" || break ;;
+	ITEM) run_item "$2" "$3" "$4" "$5" "$6" || break ;;
 	DIRECT)
 		say "DIRECTING"
 		run_direct "$2" "$3" "$4" "$5" "$6" "$7"
