@@ -207,9 +207,15 @@ def format_result_line(d: dict[str, Any]) -> str:
     if len(out) > 60:
         out = out[:57] + "..."
     ex = d.get("exit")
+    extra = ""
+    if d.get("error"):
+        extra = f"\terror: {str(d['error'])[:200]}"
+    ups = {k: v for k, v in (d.get("outputs") or {}).items() if isinstance(v, dict)}
+    if ups:
+        extra += "\t" + ", ".join(f"{v.get('url')} ({v.get('size')} B)" for v in ups.values())
     return (
         f"{d.get('id')}\t{d.get('status')}\texit={'-' if ex is None else ex}\t"
-        f"{float(d.get('duration_s') or 0):.2f}s\t{d.get('vm') or '-'}\t{out}"
+        f"{float(d.get('duration_s') or 0):.2f}s\t{d.get('vm') or '-'}\t{out}{extra}"
     )
 
 
@@ -225,6 +231,11 @@ def _stats(args: argparse.Namespace) -> int:
         lines.append(
             f"{t:<40} {v['ready']:>6} {v['reserved']:>8} {v['delayed']:>7} {v['buried']:>6} {v['total-jobs']:>6}"
         )
+    tr = st["transfer"]
+    lines.append(
+        f"data over the {tr['results']} results not yet collected: {tr['bytes_in']} bytes in,"
+        f" {tr['bytes_out']} bytes out, {tr['transfer_s']:.1f} s transferring"
+    )
     for b in st["buried"]:
         lines.append(f"buried job {b.get('job')} (item {b.get('item_id')}): {b.get('reason')}")
     emit(args, st, "\n".join(lines))
