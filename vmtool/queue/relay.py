@@ -53,6 +53,8 @@ class GuestResult:
     bytes_in: int = 0
     bytes_out: int = 0
     transfer_s: float = 0.0
+    in_s: float = 0.0  # seconds streaming inputs into the guest
+    out_s: float = 0.0  # seconds streaming whole or inline outputs out of it
 
 
 class Relay:
@@ -270,7 +272,7 @@ class Relay:
                 why = parts[2] if len(parts) == 3 and parts[0] == "FAIL" else " ".join(parts)[:80]
                 raise RelayError(f"{self.name}: guest could not store input {name}: {why}")
             res.bytes_in += size
-        res.transfer_s += time.monotonic() - t_in
+        res.in_s = time.monotonic() - t_in
         deadline = time.monotonic() + timeout_s + grace
         # Every section is the base64 of at most max_output bytes.
         section_limit = (max_output * 4) // 3 + 4 * (max_output // 57 + 2) + 16
@@ -353,7 +355,8 @@ class Relay:
                         res.truncated_outputs.append(name)
                 res.bytes_out += want
         self.send("DONE\n")
-        res.transfer_s += time.monotonic() - t_out
+        res.out_s = time.monotonic() - t_out
+        res.transfer_s = res.in_s + res.out_s
         if self._readline(deadline, tick) != f"END {seq}":
             raise RelayError(f"{self.name}: expected END {seq} from guest")
         return res

@@ -569,6 +569,16 @@ class Worker:
                 self._event("retry", slot=rec.slot, vm=vm.name, item=item.id, message=e.message)
                 raise _VMFailed() from None
             res = self._guest_result(item, g, vm.name, attempt)
+            if g.bytes_in or g.bytes_out:
+                self._event(
+                    "transfer",
+                    item=item.id,
+                    vm=vm.name,
+                    bytes_in=g.bytes_in,
+                    in_s=round(g.in_s, 4),
+                    bytes_out=g.bytes_out,
+                    out_s=round(g.out_s, 4),
+                )
             res.bytes_in = g.bytes_in + sum(len(v) for v in inline.values())
             res.transfer_s = fetch_s + g.transfer_s
             if res.status != "error" and spool is not None:
