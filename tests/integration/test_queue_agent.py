@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.beanstalk import BeanstalkServer
+from tests.fixtures.stage import HttpServer
 from vmtool.queue.agent import AGENT_VERSION, agent_files, agent_script
 from vmtool.queue.beanstalk import Beanstalk
 from vmtool.queue.client import collect_results, put_items, tube_stats
@@ -394,3 +395,66 @@ def test_direct_mode_agent_speaks_beanstalkd_itself(agent: AgentOnPty, beanstalk
         st = tube_stats(bs, "d")
     assert st["tubes"]["d"]["buried"] == 1 and st["tubes"]["d"]["ready"] == 0
     assert "no cmd" in st["buried"][0]["reason"]
+
+
+@pytest.mark.queue
+def test_direct_mode_agent_fetches_checks_and_puts_data(
+    agent: AgentOnPty, beanstalkd: BeanstalkServer, http_server: HttpServer
+) -> None:
+    """Direct mode: the agent fetches http inputs itself (sha256 checked) and PUTs outputs to output_url."""
+    data = os.urandom(200_000)
+    (http_server.root / "in.bin").write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    up = http_server.url("up/{id}/")
+    with Beanstalk(beanstalkd.address) as bs:
+        put_items(
+            bs,
+            "dd",
+            [
+                Item(
+                    "flow",
+                    ["sh", "-c", "cat in.bin in.bin > $VMTOOL_OUTDIR/twice.bin"],
+                    {"in.bin": {"url": http_server.url("in.bin"), "sha256": sha}},
+                    output_url=up,
+                ),
+                Item("badsum", ["true"], {"in.bin": {"url": http_server.url("in.bin"), "sha256": "1" * 64}}),
+                Item("missing", ["true"], {"x": {"url": http_server.url("nope.bin")}}),
+                Item("s3in", ["true"], {"x": {"url": "s3://b/k"}}),
+                Item("link", ["sh", "-c", "ln -s /etc/passwd $VMTOOL_OUTDIR/pw"], output_url=up),
+                Item(
+                    "big",
+                    ["sh", "-c", "head -c 3000 /dev/zero > $VMTOOL_OUTDIR/z"],
+                    output_url=up,
+                    max_output_bytes=1000,
+                ),
+            ],
+            ttr=30,
+        )
+    agent.host_sock.settimeout(1.0)
+    relay = Relay(agent.host_sock, name="pty")
+    relay.wait_hello(timeout=20)
+    relay.send(f"DIRECT 127.0.0.1 {beanstalkd.port} dd 1 2 vm-direct\n")
+    assert agent.proc.wait(60) == 0
+    with Beanstalk(beanstalkd.address, watch="dd.results") as rb:
+        got = collect_results(rb, want=6, timeout=5).results
+    r = got["flow"]
+    assert r["status"] == "ok", r
+    assert r["outputs"] == {
+        "twice.bin": {
+            "url": http_server.url("up/flow/twice.bin"),
+            "size": 2 * len(data),
+            "sha256": hashlib.sha256(data + data).hexdigest(),
+        }
+    }
+    assert http_server.uploads["/up/flow/twice.bin"] == data + data
+    assert (r["bytes_in"], r["bytes_out"]) == (len(data), 2 * len(data))
+    for iid, words in [
+        ("badsum", "checksum mismatch"),
+        ("missing", "cannot fetch"),
+        ("s3in", "only http(s) inputs"),
+        ("link", "symbolic link"),
+        ("big", "max_output_bytes"),
+    ]:
+        assert got[iid]["status"] == "error" and words in got[iid]["error"], got[iid]
+        assert got[iid]["outputs"] == {}
+    assert set(http_server.uploads) == {"/up/flow/twice.bin"}
