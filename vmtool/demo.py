@@ -71,7 +71,7 @@ SEED_CMD = [
     "sh",
     "-c",
     "gzip -c survey.dat > $VMTOOL_OUTDIR/survey.dat.gz && sha256sum survey.dat | cut -c1-16 && "
-    "ls -l $VMTOOL_OUTDIR | tail -n +2 | awk '{print $5, $9}'",
+    "cd $VMTOOL_OUTDIR && stat -c '%s %n' survey.dat.gz",
 ]
 
 
@@ -333,6 +333,13 @@ def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
             }
         )
         items.append(seed)
+        seed_info = {
+            "item": seed.id,
+            "input_url": f"{www}/survey.dat",
+            "input_bytes": seed_in.stat().st_size,
+            "output_url": out_url.replace("{id}", seed.id),
+            "store": "s3 (moto)" if s3_endpoint else "file",
+        }
         say(f"seed flow: {www}/survey.dat -> VM (gzip) -> {out_url.replace('{id}', seed.id)}")
 
         tube = "demo"
@@ -405,6 +412,7 @@ def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
         "build": {"backend": res.backend, "agent": res.manifest.agent},
         "results": results,
         "missing": [it.id for it in items if it.id not in got.results],
+        "seed_flow": seed_info,
         "duplicates_dropped": got.duplicates,
         "worker": report.to_dict(),
         "timings_s": timings,
