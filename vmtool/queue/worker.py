@@ -40,7 +40,7 @@ from vmtool.queue.items import (
     output_prefix,
     parse_item,
 )
-from vmtool.queue.relay import Relay, RelayError
+from vmtool.queue.relay import PROTOCOL_VERSION, Relay, RelayError
 
 log = logging.getLogger("vmtool.queue.worker")
 
@@ -276,6 +276,13 @@ class Worker:
             relay = Relay.connect(vm.relay_socket, timeout=60, name=vm.name, alive=vm.alive)
             try:
                 relay.wait_hello(timeout=self.opts.boot_timeout, alive=self._alive_or_term(vm))
+                if self.opts.mode == "relay" and relay.agent_version != PROTOCOL_VERSION:
+                    # Every VM of this image would fail the same way: stop the slot, say why.
+                    raise QueueError(
+                        f"the image's guest agent speaks protocol {relay.agent_version}, this worker"
+                        f" {PROTOCOL_VERSION}",
+                        hint="rebuild the image with this vmtool's 'vmtool build --agent relay'",
+                    )
                 rec.boot_s += time.monotonic() - t0
                 self._event("ready", slot=rec.slot, vm=vm.name, boot_s=round(time.monotonic() - t0, 1))
                 if self.opts.mode == "direct":
