@@ -61,11 +61,12 @@ read_b64() {
 	return 1
 }
 
-# scratch_up BYTES: a fresh tmpfs of that size on $WORK (the item's scratch space), else a directory
+# scratch_up BYTES: a fresh tmpfs of that size on $WORK (the item's scratch space), else a directory.
+# Few processes per item: under TCG every fork+exec costs tens of milliseconds.
+mounted=0
 scratch_up() {
 	work_down
 	mkdir -p "$WORK"
-	mounted=0
 	if mount -t tmpfs -o "size=$((($1 + 1023) / 1024))k,mode=0700" vmtool-scratch "$WORK" 2> /dev/null; then
 		mounted=1
 	fi
@@ -73,22 +74,36 @@ scratch_up() {
 }
 
 work_down() {
-	while grep -q " $WORK " /proc/mounts 2> /dev/null; do umount "$WORK" 2> /dev/null || umount -l "$WORK" || break; done
-	rm -rf "$WORK"
+	if [ "$mounted" = 1 ]; then
+		umount "$WORK" 2> /dev/null || umount -l "$WORK"
+		mounted=0
+	fi
+	if [ -e "$WORK" ]; then rm -rf "$WORK"; fi
 }
 
 scratch_down() {
-	work_down
-	rm -rf "$CTL"
+	if [ "$mounted" = 1 ]; then
+		umount "$WORK" 2> /dev/null || umount -l "$WORK"
+		mounted=0
+	fi
+	rm -rf "$WORK" "$CTL"
 }
 
-# scratch_used: bytes used in $WORK
+# scratch_used: bytes used in $WORK, into $used
 scratch_used() {
+	used=0
 	if [ "$mounted" = 1 ]; then
-		df -k "$WORK" 2> /dev/null | awk 'NR == 2 { printf "%.0f\n", $3 * 1024 }'
+		df -k "$WORK" > "$CTL/df" 2> /dev/null
+		{
+			read -r _
+			read -r _ _ u _
+		} < "$CTL/df"
 	else
-		du -sk "$WORK" 2> /dev/null | awk '{ printf "%.0f\n", $1 * 1024 }'
+		u=$(du -sk "$WORK" 2> /dev/null)
+		u="${u%%[!0-9]*}"
 	fi
+	case "$u" in '' | *[!0-9]*) u=0 ;; esac
+	used=$((u * 1024))
 }
 
 fsize() { stat -c %s "$1" 2> /dev/null || wc -c < "$1"; }
@@ -97,22 +112,26 @@ fsize() { stat -c %s "$1" 2> /dev/null || wc -c < "$1"; }
 # d directory, o other, n a name that is not plain: shown as ?); the host decides what to take.
 list_outputs() {
 	n=0
-	: > "$CTL/list"
+	for f in "$WORK"/out/* "$WORK"/out/.*; do
+		case "${f##*/}" in . | ..) continue ;; esac
+		[ -e "$f" ] || [ -L "$f" ] || continue
+		n=$((n + 1))
+	done
+	say "OUTPUTS $n"
+	k=0
 	for f in "$WORK"/out/* "$WORK"/out/.*; do
 		b="${f##*/}"
 		case "$b" in . | ..) continue ;; esac
 		[ -e "$f" ] || [ -L "$f" ] || continue
-		n=$((n + 1))
-		[ "$n" -gt 65 ] && continue
+		k=$((k + 1))
+		[ "$k" -gt 65 ] && break
 		if [ -L "$f" ]; then t=l; elif [ -d "$f" ]; then t=d; elif [ -f "$f" ]; then t=f; else t=o; fi
 		sz=0
 		[ "$t" = f ] && sz=$(fsize "$f")
 		case "$b" in *[!A-Za-z0-9._-]* | .* | -*) t=n b='?' ;; esac
 		[ "${#b}" -le 100 ] || { t=n; b='?'; }
-		echo "$t $sz $b" >> "$CTL/list"
+		say "$t $sz $b"
 	done
-	say "OUTPUTS $n"
-	cat "$CTL/list" >&3
 }
 
 run_item() {
@@ -121,7 +140,7 @@ run_item() {
 	maxout="$3"
 	scratch="$4"
 	nfiles="$5"
-	rm -rf "$CTL"
+	if [ -e "$CTL" ]; then rm -rf "$CTL"; fi
 	scratch_up "$scratch"
 	if ! read_b64 "$CTL/job.b64"; then
 		log "host went away while sending item $seq"
@@ -150,8 +169,8 @@ run_item() {
 	rc=$?
 	t1=$(uptime_s)
 	took=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
-	used=$(scratch_used)
-	say "RESULT $seq $rc $took ${used:-0}"
+	scratch_used
+	say "RESULT $seq $rc $took $used"
 	send_section STDOUT "$CTL/stdout" "$maxout"
 	send_section STDERR "$CTL/stderr" "$maxout"
 	list_outputs
@@ -471,8 +490,8 @@ run_direct() {
 			if [ "$rc" -eq 124 ] || [ "$rc" -eq 143 ]; then
 				awk -v a="$took" -v t="$tmo" 'BEGIN { exit !(a >= t - 1) }' && st=timeout
 			fi
-			used=$(scratch_used)
-			if [ $((${used:-0} + 65536)) -ge "$(hdr scratch)" ]; then
+			scratch_used
+			if [ $((used + 65536)) -ge "$(hdr scratch)" ]; then
 				echo "the item filled its scratch space (${used} of $(hdr scratch) bytes, limits.scratch_bytes)" > "$CTL/err"
 			elif [ -n "$outurl" ]; then
 				ta=$(uptime_s)
