@@ -141,8 +141,8 @@ class WorkerReport:
         }
 
 
-class _Terminated(Exception):
-    pass
+class _Terminated(BaseException):
+    """SIGTERM while an item is in progress (a BaseException: no `except Exception` may swallow it)."""
 
 
 class _VMFailed(Exception):
@@ -526,6 +526,12 @@ class Worker:
         except ItemError as e:
             error(describe(e), transfer_s=time.monotonic() - t_fetch)
             return
+        except _Terminated:
+            self._retrying(bs, "release", lambda: bs.release(job.id))
+            with self._lock:
+                self.report.released += 1
+            self._event("released", item=item.id)
+            raise
         fetch_s = time.monotonic() - t_fetch
 
         with self._lock:
