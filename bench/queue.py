@@ -241,6 +241,7 @@ def _bench_vm(manifest: Path, d: Path, raw_sock: Path) -> Any:
     import contextlib
     import shutil
 
+    from vmtool.domain.policy import BootFiles, RenderOptions
     from vmtool.launch import LaunchSpec, start
     from vmtool.queue.agent import RELAY_PORT_NAME
     from vmtool.queue.vms import LaunchedVM, resolve_image
@@ -257,15 +258,17 @@ def _bench_vm(manifest: Path, d: Path, raw_sock: Path) -> Any:
         make_overlay(image.base, image.base_format, overlay)
         sock = vd / "relay.sock"
         spec = LaunchSpec(
-            manifest=image.manifest,
-            disks=(overlay,),
-            cpus=1,
-            memory_mib=2048,
+            render=RenderOptions(
+                sandbox=vd,
+                boot=BootFiles.of(image.manifest),
+                disks=(overlay,),
+                cpus=1,
+                memory_mib=2048,
+                name=f"vmtool-bench-data-{os.getpid()}-{slot}",
+                channels=((RELAY_PORT_NAME, sock), (RAW_PORT, raw_sock)),
+                network="user",
+            ),
             timeout=None,
-            sandbox=vd,
-            name=f"vmtool-bench-data-{os.getpid()}-{slot}",
-            channels=((RELAY_PORT_NAME, sock), (RAW_PORT, raw_sock)),
-            network="user",
         )
         running = start(spec)
         try:
