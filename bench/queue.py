@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from vmtool.demo import libvirtd_running, local_beanstalkd  # noqa: E402
 from vmtool.queue.beanstalk import Beanstalk, results_tube  # noqa: E402
 from vmtool.queue.client import collect_results, put_items  # noqa: E402
-from vmtool.queue.items import Item, Result, parse_item  # noqa: E402
+from vmtool.queue.items import Item, ItemResult, parse_item  # noqa: E402
 
 N_LAYER = int(os.environ.get("BENCH_QUEUE_ITEMS", "500"))
 ROUNDS = int(os.environ.get("BENCH_QUEUE_ROUNDS", "41"))
@@ -70,7 +70,7 @@ def vmtool_path(addr: tuple[str, int], tube: str, n: int) -> float:
             assert job is not None
             item = parse_item(job.body)
             work.job_counts(job.id)  # the worker reads reserves/releases for its attempt count
-            res = Result(item.id, "ok", 0, stdout="hello\n", vm="bench", duration_s=0.01)
+            res = ItemResult(item.id, "ok", 0, stdout="hello\n", vm="bench", duration_s=0.01)
             work.put(res.encode(), tube=results_tube(tube), ttr=60)
             work.defer_delete(job.id)  # as the worker does: sent with the next reserve
         work.flush()

@@ -10,7 +10,7 @@ import pytest
 from tests.fixtures.beanstalk import BeanstalkServer, free_port
 from vmtool.cli.main import main
 from vmtool.queue.beanstalk import Beanstalk
-from vmtool.queue.items import MAX_ITEM_BYTES, Result
+from vmtool.queue.items import MAX_ITEM_BYTES, ItemResult
 
 pytestmark = pytest.mark.queue
 
@@ -100,7 +100,7 @@ def test_results_dedup_wait_and_keep(
 ) -> None:
     with Beanstalk(beanstalkd.address) as bs:
         for rid, out in (("x", "first"), ("y", "y"), ("x", "retry duplicate")):
-            bs.put(Result(rid, "ok", 0, stdout=out, vm="vm0").encode(), tube="t3.results")
+            bs.put(ItemResult(rid, "ok", 0, stdout=out, vm="vm0").encode(), tube="t3.results")
         bs.put(b"garbage", tube="t3.results")
     d = _json(
         capsys, ["queue", "results", "--server", beanstalkd.server, "--tube", "t3", "--keep", "--json"]
@@ -182,7 +182,7 @@ def test_put_url_inputs_and_output_url_and_stats_totals(
         item = json.loads(job.body)
         bs.release(job.id)
         for i, (bin_, bout, s) in enumerate([(10, 20, 0.5), (1, 2, 0.25)]):
-            r = Result(f"r{i}", "ok", 0, bytes_in=bin_, bytes_out=bout, transfer_s=s)
+            r = ItemResult(f"r{i}", "ok", 0, bytes_in=bin_, bytes_out=bout, transfer_s=s)
             bs.put(r.encode(), tube="dp.results")
     assert item["inputs"] == {"in.bin": {"url": "https://example.invalid/in.bin", "sha256": sha}}
     assert item["output_url"] == "s3://bucket/out/{id}/"

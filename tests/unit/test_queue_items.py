@@ -14,7 +14,7 @@ from vmtool.queue.items import (
     MAX_RESULT_BYTES,
     Item,
     ItemError,
-    Result,
+    ItemResult,
     item_from_dict,
     job_script,
     parse_item,
@@ -91,7 +91,7 @@ def test_job_script_quotes_hostile_arguments() -> None:
 
 
 def test_result_encode_trims_to_fit() -> None:
-    r = Result("a", "ok", 0, stdout="o" * 20000, stderr="e" * 20000, outputs={"f": "A" * 40000})
+    r = ItemResult("a", "ok", 0, stdout="o" * 20000, stderr="e" * 20000, outputs={"f": "A" * 40000})
     body = r.encode()
     assert len(body) <= MAX_RESULT_BYTES
     d = parse_result(body)
@@ -155,7 +155,7 @@ def test_data_fields_roundtrip_and_output_prefix() -> None:
     assert parse_item(it.encode()) == it
     assert output_prefix(it) == "s3://b/run/a.1/"
     assert (it.max_input_bytes, it.max_output_bytes, it.scratch_bytes) == (5, 6, 1 << 21)
-    r = Result("a.1", "ok", 0, outputs={"o": {"url": "s3://b/run/a.1/o", "size": 1, "sha256": "b" * 64}})
+    r = ItemResult("a.1", "ok", 0, outputs={"o": {"url": "s3://b/run/a.1/o", "size": 1, "sha256": "b" * 64}})
     r.stdout = "x" * 70000
     back = json.loads(r.encode())
     # Trimmed to fit one job: uploaded outputs (only their URLs) stay.

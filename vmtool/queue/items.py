@@ -304,7 +304,7 @@ def job_script(item: Item, inputs: dict[str, bytes]) -> str:
 
 
 @dataclass
-class Result:
+class ItemResult:
     id: str
     status: str  # ok (exit 0), failed (exit != 0), timeout, error (never ran: bad item or input)
     exit: int | None

@@ -35,7 +35,7 @@ from vmtool.queue.data import CachedInput, Inputs, Outputs, describe
 from vmtool.queue.items import (
     Item,
     ItemError,
-    Result,
+    ItemResult,
     job_script,
     output_prefix,
     parse_item,
@@ -506,7 +506,7 @@ class Worker:
                         pass
 
         def error(message: str, **kw: Any) -> None:
-            res = Result(
+            res = ItemResult(
                 item.id,
                 "error",
                 None,
@@ -635,7 +635,7 @@ class Worker:
         return cached
 
     @staticmethod
-    def _guest_result(item: Item, g: Any, vm_name: str, attempt: int) -> Result:
+    def _guest_result(item: Item, g: Any, vm_name: str, attempt: int) -> ItemResult:
         timed_out = g.exit in (124, 143) and g.guest_seconds >= item.timeout_s - 1
         status = "timeout" if timed_out else ("ok" if g.exit == 0 else "failed")
         err = None
@@ -647,7 +647,7 @@ class Worker:
             )
         elif g.output_error:
             status, err = "error", g.output_error
-        res = Result(
+        res = ItemResult(
             item.id,
             status,
             g.exit,
@@ -663,7 +663,7 @@ class Worker:
         return res
 
     def _upload(
-        self, item: Item, spooled: dict[str, tuple[Path, int, str]], res: Result, tick: Callable[[], None]
+        self, item: Item, spooled: dict[str, tuple[Path, int, str]], res: ItemResult, tick: Callable[[], None]
     ) -> None:
         """Upload the spooled outputs; on any failure remove what went up and make `res` an error."""
         prefix = output_prefix(item)
@@ -693,7 +693,7 @@ class Worker:
             stop.set()
             t.join()
 
-    def _finish(self, bs: Beanstalk, job_id: int, res: Result) -> None:
+    def _finish(self, bs: Beanstalk, job_id: int, res: ItemResult) -> None:
         body = res.encode()
         self._retrying(bs, "put result", lambda: bs.put(body, tube=results_tube(self.opts.tube), ttr=60))
         # The result is stored: the delete goes out with the next reserve (or at the slot's end). If
