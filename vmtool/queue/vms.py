@@ -17,17 +17,25 @@ from pathlib import Path
 from typing import Any
 
 from vmtool.errors import QueueError
+from vmtool.image import formats
 from vmtool.queue.agent import RELAY_PORT_NAME
 from vmtool.stage.stage import make_overlay
 
 _LIBVIRT_LOCK = threading.Lock()
 
 
-@dataclass
+# The disk the VMs' overlays are made on: a build's root filesystem, or an overlay vmtool staged on a
+# base elsewhere (in a cache this process does not know), which must then be named with its format and
+# stand alone. qemu-img info, under limits, reads its size, so making each overlay never opens it.
+IMAGE_POLICY = formats.Policy(backing_roots=formats.ANYWHERE)
+
+
+@dataclass(frozen=True)
 class ImageRef:
     manifest: Path
     base: Path  # the disk the per-VM overlays are made on
     base_format: str
+    virtual_size: int  # given to make_overlay, so making an overlay never opens the base
 
 
 def resolve_image(image: Path, *, manifest: Path | None = None) -> ImageRef:
@@ -43,13 +51,14 @@ def resolve_image(image: Path, *, manifest: Path | None = None) -> ImageRef:
     else:
         mpath = manifest.resolve() if manifest else _find_manifest(image)
         m = mf.load(mpath)
-        base, fmt = image, _image_format(image)
+        base, fmt = image, None
     if not m.agent:
         raise QueueError(
             f"the image of {mpath} has no vmtool guest agent",
             hint="rebuild it with 'vmtool build --agent relay'",
         )
-    return ImageRef(mpath, base, fmt)
+    info = formats.check(base, fmt, IMAGE_POLICY, what=f"image {base}", error=QueueError)
+    return ImageRef(mpath, base, info.format, info.virtual_size)
 
 
 def _find_manifest(image: Path) -> Path:
@@ -60,11 +69,6 @@ def _find_manifest(image: Path) -> Path:
         f"no manifest.json found for {image}",
         hint="give the build's manifest.json as --image, or pass --manifest with the overlay",
     )
-
-
-def _image_format(path: Path) -> str:
-    with open(path, "rb") as f:
-        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
 
 
 class LaunchedVM:
@@ -143,7 +147,7 @@ class VMFactory:
         d.mkdir(parents=True)
         try:
             overlay = d / "root.qcow2"
-            make_overlay(self.image.base, self.image.base_format, overlay)
+            make_overlay(self.image.base, self.image.base_format, overlay, self.image.virtual_size)
             sock = d / "relay.sock"
             spec = LaunchSpec(
                 manifest=self.image.manifest,
