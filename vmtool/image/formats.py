@@ -50,7 +50,7 @@ MAGICS: tuple[Magic, ...] = (
     Magic("vpc", 0, b"conectix", "vhd"),
     Magic("vdi", 0, b"<<< Oracle VM VirtualBox Disk Image >>>", "vdi"),
     Magic("vdi", 0x40, b"\x7f\x10\xda\xbe", "vdi"),
-    Magic("luks", 0, b"LUKS\xba\xbe", "luks (an encrypted volume)"),
+    Magic("luks", 0, b"LUKS\xba\xbe", "LUKS-encrypted"),
     Magic("parallels", 0, b"WithoutFreeSpace", "parallels"),
     Magic("parallels", 0, b"WithouFreSpacExt", "parallels"),
     Magic("bochs", 0, b"Bochs Virtual HD Image", "bochs"),
@@ -59,8 +59,8 @@ MAGICS: tuple[Magic, ...] = (
     Magic("xz", 0, b"\xfd7zXZ\x00", "xz-compressed"),
     Magic("zstd", 0, b"\x28\xb5\x2f\xfd", "zstd-compressed"),
     Magic("bzip2", 0, b"BZh", "bzip2-compressed"),
-    Magic("tar", 257, b"ustar", "tar archive"),
-    Magic("zip", 0, b"PK\x03\x04", "zip archive"),
+    Magic("tar", 257, b"ustar", "tar"),
+    Magic("zip", 0, b"PK\x03\x04", "zip"),
 )
 COMPRESSED = frozenset({"gzip", "xz", "zstd", "bzip2", "tar", "zip"})
 # What the first sectors of a raw file may hold: a partition table, a filesystem, an ISO 9660 volume.
@@ -86,6 +86,7 @@ _DESCRIPTOR_MAX = 64 << 10
 _VMDK_EXTENT = re.compile(rb'^\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Z]+)(?:\s+"([^"]*)")?', re.M)
 
 _FLATTEN = "flatten a trusted copy first: qemu-img convert -O qcow2 IMAGE flat.qcow2"
+_DECRYPT = "qemu-img convert --object secret,id=k,file=KEYFILE --image-opts ...,key-secret=k -O qcow2 disk.qcow2"
 _DAMAGED = "give the complete image; 'qemu-img check' shows the damage"
 
 
@@ -115,6 +116,7 @@ class Policy:
     # real path lies under one of these roots, its format is named in the header (raw or qcow2), and it
     # is itself a standalone image of that format (checked here, header only).
     backing_roots: tuple[Path, ...] | None = None
+    backing_name: re.Pattern[str] | None = None  # and its real file name must match this (a cache's bases)
     guess_raw: bool = True  # no format declared and nothing recognisable: a raw disk (False: refused)
     whole_sectors: bool = True  # a raw image must be a whole number of 512-byte sectors
     qemu: bool = True  # cross-check with qemu-img info (under limits): virtual size, format, references
@@ -372,14 +374,16 @@ def _judge(
     """The header checks every caller shares; `policy` only decides about backing files."""
     if info.format not in FORMATS:
         detail = ""
-        if info.extents:
-            names = ", ".join(repr(e) for e in info.extents[:3])
+        others = [e for e in info.extents if e != path.name]  # a sparse vmdk names itself
+        if others:
+            names = ", ".join(repr(e) for e in others[:3])
             detail = f" (its descriptor names the extent files {names}, which vmtool never opens)"
-        hint = (
-            "decompress it first; vmtool reads raw and qcow2 disk images"
-            if info.format in COMPRESSED
-            else f"convert a trusted copy first: qemu-img convert -f {info.format} -O qcow2 IMAGE disk.qcow2"
-        )
+        if info.format in COMPRESSED:
+            hint = "unpack it first; vmtool reads raw and qcow2 disk images"
+        elif info.encrypted:
+            hint = f"decrypt a trusted copy first: {_DECRYPT}"
+        else:
+            hint = f"convert a trusted copy first: qemu-img convert -f {info.format} -O qcow2 IMAGE disk.qcow2"
         raise error(f"{what}: {label(info.format)} images are not supported{detail}", hint=hint)
     if fmt == "qcow2" and info.format != "qcow2":
         raise error(f"{what} is not a qcow2 image (no qcow2 header), but qcow2 was declared",
@@ -395,7 +399,7 @@ def _judge(
         raise error(f"{what} has an external data file{named}, which vmtool never follows", hint=_FLATTEN)
     if info.encrypted:
         raise error(f"{what} is an encrypted qcow2 image, which vmtool cannot read",
-                    hint="decrypt a trusted copy first: qemu-img convert --object secret,... -O qcow2 IMAGE plain.qcow2")
+                    hint=f"decrypt a trusted copy first: {_DECRYPT}")
     if info.unknown_features:
         raise error(
             f"{what} uses qcow2 incompatible features qemu does not know (bits {info.unknown_features:#x})",
@@ -425,6 +429,8 @@ def _judge_backing(path: Path, info: ImageInfo, policy: Policy, what: str, error
     if not any(real == root or root in real.parents for root in (r.resolve() for r in policy.backing_roots)):
         roots = ", ".join(str(r) for r in policy.backing_roots)
         raise error(f"{what} is backed by {name!r}, outside {roots}", hint=_FLATTEN)
+    if policy.backing_name is not None and not policy.backing_name.match(real.name):
+        raise error(f"{what} is backed by {name!r}, which is not a base in a vmtool cache", hint=_FLATTEN)
     if info.backing_format not in FORMATS:
         why = "does not name its format" if info.backing_format is None else f"is {info.backing_format!r}"
         raise error(f"{what}: its backing file {name!r} {why} (qemu would probe it)",

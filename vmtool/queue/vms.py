@@ -19,15 +19,16 @@ from typing import Any
 from vmtool.errors import QueueError
 from vmtool.image import formats
 from vmtool.queue.agent import RELAY_PORT_NAME
+from vmtool.stage.cache import BASE_RE
 from vmtool.stage.stage import make_overlay
 
 _LIBVIRT_LOCK = threading.Lock()
 
 
 # The disk the VMs' overlays are made on: a build's root filesystem, or an overlay vmtool staged on a
-# base elsewhere (in a cache this process does not know), which must then be named with its format and
-# stand alone. qemu-img info, under limits, reads its size, so making each overlay never opens it.
-IMAGE_POLICY = formats.Policy(backing_roots=formats.ANYWHERE)
+# base in a cache (any cache: its base is named <sha256>.<format>, with its format, and stands alone).
+# qemu-img info, under limits, reads its size, so making each overlay never opens it.
+IMAGE_POLICY = formats.Policy(backing_roots=formats.ANYWHERE, backing_name=BASE_RE)
 
 
 @dataclass(frozen=True)
