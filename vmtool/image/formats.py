@@ -492,6 +492,7 @@ def qemu_img_check(path: Path, fmt: str, *, what: str | None = None, error: type
     if not isinstance(report, dict):
         report = {}
     bad = int(report.get("corruptions", 0) or 0) + int(report.get("check-errors", 0) or 0)
-    if chk.returncode in (1, 2) or bad or chk.returncode not in (0, 3):
-        raise error(f"{what}: the {fmt} image is damaged or truncated ({bad} errors in its metadata)",
-                    hint=_DAMAGED)
+    # 0: clean, 3: only leaked clusters (harmless to a reader); 2: corruptions, 1 or other: not checked.
+    if bad or chk.returncode not in (0, 3):
+        why = f"{bad} errors in its metadata" if bad else f"qemu-img check exited with status {chk.returncode}"
+        raise error(f"{what}: the {fmt} image is damaged or truncated ({why})", hint=_DAMAGED)
