@@ -12,7 +12,7 @@ import pytest
 from tests.fixtures.images import whole_disk
 from vmtool.cli.main import main
 from vmtool.image.fs import probe
-from vmtool.images.default import newest_host_kernel
+from vmtool.launch.host import newest_host_kernel
 
 pytestmark = pytest.mark.integration
 

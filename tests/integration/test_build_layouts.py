@@ -12,7 +12,7 @@ import pytest
 
 from tests.fixtures.images import tree_with_host_kernel, whole_disk
 from vmtool.cli.main import main
-from vmtool.images.default import newest_host_kernel
+from vmtool.launch.host import newest_host_kernel
 from vmtool.run import run
 
 pytestmark = pytest.mark.integration

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from vmtool.cli.main import main
-from vmtool.domain.policy import HostFacts, RenderOptions, render
+from vmtool.domain.policy import RenderOptions, render
 from vmtool.domain.slot import Slot
 from vmtool.errors import DomainError, QueueError
 from vmtool.image import formats
+from vmtool.launch.host import HostFacts
 from vmtool.queue.vms import resolve_image
 from vmtool.run import run
 

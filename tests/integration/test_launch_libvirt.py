@@ -64,6 +64,18 @@ def test_cgroup_failure_is_exact_and_no_cgroup_skips_it(libvirt_uri: str, tmp_pa
 
 
 def _fake_manifest(d: Path) -> Path:
-    from tests.unit.test_domain_render import fake_manifest
-
-    return fake_manifest(d)
+    """A manifest naming stand-in boot files: libvirt refuses the domain before anything boots them."""
+    (d / "vmlinuz").write_bytes(b"k")
+    (d / "initrd.img").write_bytes(b"i")
+    data = {
+        "schema": "vmtool.manifest/1",
+        "source": {"path": "root.img", "format": "raw", "size": 1, "sha256": ""},
+        "rootfs": {"path": "root.img", "format": "raw", "fstype": "ext4", "label": "cloudimg-rootfs", "uuid": "",
+                   "virtual_size": 1, "allocated_size": 1, "sha256": ""},
+        "kernel": {"path": "vmlinuz", "version": "6.1.0", "sha256": ""},
+        "initrd": {"path": "initrd.img", "version": "6.1.0", "sha256": ""},
+        "cmdline": "root=LABEL=cloudimg-rootfs ro quiet",
+        "fstab": {"before": None, "after": ""},
+    }
+    (d / "manifest.json").write_text(json.dumps(data))
+    return d / "manifest.json"

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.libvirtd import FakeSlot, make_guest, overlay
+from vmtool import manifest as mf
+from vmtool.domain.policy import BootFiles, RenderOptions
 from vmtool.launch import ExitReason, LaunchSpec, start
 from vmtool.run import DEVNULL, PIPE, Popen, run, spawn
 
@@ -126,8 +128,9 @@ def test_b_channel_then_memory_kill(libvirt_uri: str, guests: dict[str, tuple[Pa
     ovl = overlay(img, tmp_path / "hog.qcow2")
     sock = tmp_path / "relay0.sock"
     # A 1 GiB guest in a 640 MiB cgroup (booting takes ~500 MiB under TCG): the hog's pages cross the limit.
-    spec = LaunchSpec(manifest=manifest, disks=(ovl,), sandbox=tmp_path, uri=libvirt_uri, memory_mib=1024,
-                      memory_limit_mib=640, cgroup_parent=fake_slot.rel, channels=((CHANNEL, sock),), timeout=240)
+    opts = RenderOptions(sandbox=tmp_path, boot=BootFiles.of(mf.load(manifest)), disks=(ovl,), memory_mib=1024,
+                         memory_limit_mib=640, channels=((CHANNEL, sock),))
+    spec = LaunchSpec(opts, uri=libvirt_uri, cgroup_parent=fake_slot.rel, timeout=240)
     with start(spec) as vm:
         assert vm.cgroup is not None and vm.pid > 0
         assert f":memory:{fake_slot.rel}/{vm.name}\n" in Path(f"/proc/{vm.pid}/cgroup").read_text()
@@ -210,8 +213,9 @@ def test_e_timeout_and_qemu_crash(libvirt_uri: str, guests: dict[str, tuple[Path
     assert 3.0 <= data["wall_seconds"] < 30 and fake_slot.children() == []
     assert data["name"] not in _domains(libvirt_uri)
 
-    spec = LaunchSpec(manifest=manifest, disks=(overlay(img, tmp_path / "e2.qcow2"),), sandbox=tmp_path,
-                      uri=libvirt_uri, cgroup_parent=fake_slot.rel, timeout=120)
+    opts = RenderOptions(sandbox=tmp_path, boot=BootFiles.of(mf.load(manifest)),
+                         disks=(overlay(img, tmp_path / "e2.qcow2"),))
+    spec = LaunchSpec(opts, uri=libvirt_uri, cgroup_parent=fake_slot.rel, timeout=120)
     with start(spec) as vm:
         time.sleep(1.0)
         os.kill(vm.pid, signal.SIGSEGV)

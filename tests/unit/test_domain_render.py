@@ -14,15 +14,11 @@ import pytest
 from lxml import etree
 
 from vmtool.cli.main import main
-from vmtool.domain.policy import (
-    HostFacts,
-    RenderOptions,
-    max_guest_memory,
-    qemu_overhead_mib,
-    render,
-)
+from vmtool.domain.policy import BootFiles, RenderOptions, render
+from vmtool.domain.sizing import max_guest_memory, qemu_overhead_mib
 from vmtool.domain.slot import Slot
 from vmtool.errors import DomainError
+from vmtool.launch.host import HostFacts
 
 pytestmark = pytest.mark.unit
 
@@ -41,29 +37,20 @@ def qcow2(path: Path) -> Path:
     return path
 
 
-def fake_manifest(d: Path) -> Path:
+def fake_boot(d: Path) -> BootFiles:
+    """A build's boot files, as `BootFiles.of(manifest)` gives them (render opens none of them)."""
     (d / "vmlinuz").write_bytes(b"k")
     (d / "initrd.img").write_bytes(b"i")
-    data = {
-        "schema": "vmtool.manifest/1",
-        "source": {"path": "root.img", "format": "raw", "size": 1, "sha256": ""},
-        "rootfs": {"path": "root.img", "format": "raw", "fstype": "ext4", "label": "cloudimg-rootfs", "uuid": "",
-                   "virtual_size": 1, "allocated_size": 1, "sha256": ""},
-        "kernel": {"path": "vmlinuz", "version": "6.1.0", "sha256": ""},
-        "initrd": {"path": "initrd.img", "version": "6.1.0", "sha256": ""},
-        "cmdline": "root=LABEL=cloudimg-rootfs ro quiet",
-        "fstab": {"before": None, "after": ""},
-    }
-    (d / "manifest.json").write_text(json.dumps(data))
-    return d / "manifest.json"
+    d = d.resolve()
+    return BootFiles(kernel=d / "vmlinuz", initrd=d / "initrd.img", cmdline="root=LABEL=cloudimg-rootfs ro quiet",
+                     build_dir=d)
 
 
 def case_options(case: str, sb: Path) -> tuple[bytes | None, RenderOptions, HostFacts, Slot]:
     ovl = qcow2(sb / "root.qcow2")
     common = dict(sandbox=sb, disks=(ovl,), seed=7, run_as=(1000, 1000))
     if case == "template-manifest":
-        man = fake_manifest(sb)
-        opts = RenderOptions(**common, manifest=man, extra_cmdline=("vmtool.job=42.0",),  # type: ignore[arg-type]
+        opts = RenderOptions(**common, boot=fake_boot(sb), extra_cmdline=("vmtool.job=42.0",),  # type: ignore[arg-type]
                              channels=(("org.vmtool.relay.0", sb / "relay0.sock"),))
         return None, opts, TCG, SLOT
     src = (DATA / f"{case}-in.xml").read_bytes()
@@ -197,7 +184,8 @@ def test_disks_in_sandbox_kept_and_extra_overlays_added(tmp_path: Path) -> None:
     disks = root.findall("devices/disk")
     assert [d.find("target").get("dev") for d in disks] == ["vda", "hdc", "vdb"]  # type: ignore[union-attr]
     assert disks[0].find("source").get("file") == str(a.resolve())  # type: ignore[union-attr]
-    assert disks[1].find("source").get("file") == "data.raw"  # type: ignore[union-attr]
+    # relative in the job's XML, written back as the sandbox path it was checked as
+    assert disks[1].find("source").get("file") == str((tmp_path / "data.raw").resolve())  # type: ignore[union-attr]
     assert disks[2].find("source").get("file") == str(b.resolve())  # type: ignore[union-attr]
     assert r.memory_mib == 256 and not r.warnings
 
@@ -317,3 +305,30 @@ def test_rendered_xml_is_valid_for_libvirt(case: str, tmp_path: Path) -> None:
     assert rng.validate(etree.fromstring(r.xml.encode())), rng.error_log
     if case == "hostile":
         assert not rng.validate(etree.fromstring(src or b""))
+
+
+def test_relative_host_paths_are_written_back_as_sandbox_paths(tmp_path: Path) -> None:
+    # libvirtd and qemu resolve a relative path from their own working directory ("/"), so a relative
+    # path checked against the sandbox must not reach them relative: etc/passwd would open /etc/passwd.
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "passwd").write_bytes(b"\0" * 512)
+    (tmp_path / "k").write_bytes(b"kernel")
+    (tmp_path / "t.aml").write_bytes(b"acpi")
+    qcow2(tmp_path / "data.qcow2")
+    src = b"""<domain type='qemu'><name>x</name><os><type>hvm</type><kernel>k</kernel><dtb>etc/passwd</dtb>
+<acpi><table type='slic'>t.aml</table></acpi></os><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='data.qcow2'/><target dev='vdb'/></disk>
+<serial type='file'><source path='serial.log'/><target port='1'/></serial>
+<channel type='file'><source path='chan.out'/><target type='virtio' name='x.y'/></channel>
+</devices></domain>"""
+    r = render(src, RenderOptions(sandbox=tmp_path, disks=(qcow2(tmp_path / "a.qcow2"),)), TCG, SLOT)
+    root = etree.fromstring(r.xml.encode())
+    sb = str(tmp_path.resolve())
+    named = [root.findtext("os/kernel"), root.findtext("os/dtb"), root.findtext("os/acpi/table"),
+             *(d.get("file") for d in root.findall("devices/disk/source")),
+             *(c.get("path") for c in root.findall("devices/channel/source")),
+             *(c.get("path") for c in root.findall("devices/serial/source"))]
+    # kernel, dtb, acpi table, the overlay that took the disk's place, the channel, 2 serials
+    assert None not in named and len(named) == 7
+    assert all(p is not None and p.startswith(sb + "/") for p in named), named
+    assert root.findtext("os/dtb") == f"{sb}/etc/passwd"

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from vmtool.domain.policy import HostFacts, RenderOptions, render
+from vmtool.domain.policy import RenderOptions, render
 from vmtool.domain.slot import Slot
 from vmtool.errors import DomainError, ImageError
 from vmtool.image import formats
 from vmtool.image.formats import ImageInfo, Policy, inspect_bytes, protocol_of
+from vmtool.launch.host import HostFacts
 
 pytestmark = pytest.mark.unit
 

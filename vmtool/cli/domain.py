@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmtool.cli.output import add_json_flag, emit, warn
 from vmtool.errors import DomainError
+
+if TYPE_CHECKING:
+    from vmtool.domain.policy import RenderOptions
 
 
 def add_render_options(p: argparse.ArgumentParser) -> None:
@@ -51,10 +56,24 @@ def channels_of(args: argparse.Namespace) -> tuple[tuple[str, Path], ...]:
     return tuple(out)
 
 
+def render_options_of(args: argparse.Namespace) -> RenderOptions:
+    """The render options of `add_render_options`; the manifest is read here, once."""
+    from vmtool import manifest
+    from vmtool.domain.policy import BootFiles, RenderOptions
+
+    boot = BootFiles.of(manifest.load(args.manifest)) if args.manifest is not None else None
+    return RenderOptions(
+        sandbox=sandbox_of(args), disks=tuple(args.disk), name=args.name, cpus=args.cpus, memory_mib=args.memory,
+        memory_limit_mib=args.memory_limit, boot=boot, console_log=args.console_log, channels=channels_of(args),
+        network=args.network, graphics=args.graphics, extra_cmdline=tuple(args.append),
+    )
+
+
 def _render(args: argparse.Namespace) -> int:
-    from vmtool.domain.policy import HostFacts, RenderOptions, render
+    from vmtool.domain.policy import render
     from vmtool.domain.slot import discover_slot
     from vmtool.fsutil import write_atomic
+    from vmtool.launch.host import HostFacts
 
     if args.capabilities is not None:
         from vmtool.launch.host import parse_capabilities, probe_kvm
@@ -75,8 +94,7 @@ def _render(args: argparse.Namespace) -> int:
 
         host = host_facts(args.uri)
         if args.accel:
-            host = HostFacts(host.emulator, host.arch, host.machines, host.domain_types, args.accel == "kvm",
-                             f"--accel {args.accel}")
+            host = dataclasses.replace(host, kvm=args.accel == "kvm", kvm_reason=f"--accel {args.accel}")
     source = None
     if args.domain is not None:
         try:
@@ -84,11 +102,7 @@ def _render(args: argparse.Namespace) -> int:
         except OSError as e:
             raise DomainError(f"cannot read {args.domain}: {e.strerror}") from None
     slot = discover_slot(machine_ad=args.machine_ad)
-    opts = RenderOptions(
-        sandbox=sandbox_of(args), disks=tuple(args.disk), name=args.name, cpus=args.cpus, memory_mib=args.memory,
-        memory_limit_mib=args.memory_limit, manifest=args.manifest, console_log=args.console_log,
-        channels=channels_of(args), network=args.network, graphics=args.graphics, extra_cmdline=tuple(args.append),
-    )
+    opts = render_options_of(args)
     r = render(source, opts, host, slot)
     for w in r.warnings:
         warn(w)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from vmtool.cli.domain import add_render_options, channels_of, sandbox_of
+from vmtool.cli.domain import add_render_options, render_options_of
 from vmtool.cli.output import add_json_flag, emit, warn
 from vmtool.errors import LaunchError, VmtoolError
 
@@ -41,16 +41,13 @@ def _launch(args: argparse.Namespace) -> int:
         raise LaunchError("nothing to launch", hint="give a DOMAIN.xml, or --manifest manifest.json --disk OVERLAY")
     if args.timeout is not None and args.timeout <= 0:
         raise LaunchError("--timeout must be positive")
-    spec = LaunchSpec(
-        manifest=args.manifest, domain_xml=Path(args.domain) if args.domain else None, disks=tuple(args.disk),
-        cpus=args.cpus, memory_mib=args.memory, memory_limit_mib=args.memory_limit, timeout=args.timeout,
-        uri=args.uri, sandbox=sandbox_of(args), name=args.name, channels=channels_of(args),
-        console_log=args.console_log, use_cgroup=not args.no_cgroup, cgroup_parent=args.cgroup_parent,
-        extra_cmdline=tuple(args.append), network=args.network, graphics=args.graphics,
-        machine_ad=args.machine_ad, grace=args.grace,
-    )
     stop = threading.Event()
     try:
+        spec = LaunchSpec(
+            render=render_options_of(args), domain_xml=Path(args.domain) if args.domain else None,
+            timeout=args.timeout, uri=args.uri, use_cgroup=not args.no_cgroup, cgroup_parent=args.cgroup_parent,
+            machine_ad=args.machine_ad, grace=args.grace,
+        )
         with _signals_to(stop):
             report = launch(spec, stop=stop)
     except VmtoolError as e:

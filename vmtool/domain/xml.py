@@ -38,7 +38,7 @@ def parse(data: bytes | str, *, what: str = "domain XML") -> etree._ElementTree:
         raise DomainError(f"{what} is not well-formed XML: {e}", hint="check it with 'xmllint --noout FILE'") from None
 
 
-def _indent_of(node: etree._Element) -> str:
+def indent_of(node: etree._Element) -> str:
     """The whitespace in front of `node` on its line ('' when unknown)."""
     prev = node.getprevious()
     parent = node.getparent()
@@ -53,7 +53,7 @@ def append_child(parent: etree._Element, child: etree._Element, *, index: int | 
     children = list(parent)
     if children:
         ref = children[-1] if index is None or index >= len(children) else children[index]
-        ind = _indent_of(ref)
+        ind = indent_of(ref)
         if index is None or index >= len(children):
             child.tail = ref.tail
             ref.tail = "\n" + ind
@@ -62,12 +62,12 @@ def append_child(parent: etree._Element, child: etree._Element, *, index: int | 
             child.tail = "\n" + ind
             ref.addprevious(child)
     else:
-        outer = _indent_of(parent)
+        outer = indent_of(parent)
         parent.text = "\n" + outer + "  "
         child.tail = "\n" + outer
         parent.append(child)
     if len(child) and (child.text is None or child.text.strip() == ""):
-        reindent(child, _indent_of(child))
+        reindent(child, indent_of(child))
     return child
 
 
@@ -101,8 +101,10 @@ def remove(node: etree._Element) -> None:
     if prev is not None:
         prev.tail = node.tail
     elif len(parent) == 1:
-        # The parent becomes empty: it renders as <x/>.
-        parent.text = None
+        # The parent loses its last child: it renders as <x/>, unless it has text of its own
+        # (<nvram>PATH<source .../></nvram>), which stays.
+        text = (parent.text or "") + (node.tail or "")
+        parent.text = text.strip() or None
     parent.remove(node)
 
 
@@ -126,23 +128,52 @@ def find_path(node: etree._Element, steps: list[str]) -> etree._Element | None:
     return cur
 
 
-def ensure_path(node: etree._Element, steps: list[str]) -> etree._Element:
+def index_after(parent: etree._Element, tags: tuple[str, ...]) -> int | None:
+    """The index just after the first of `tags` found under `parent` (None: not found, append)."""
+    for t in tags:
+        el = parent.find(t)
+        if el is not None:
+            return list(parent).index(el) + 1
+    return None
+
+
+def ensure_path(node: etree._Element, steps: list[str], *, after: tuple[str, ...] | None = None) -> etree._Element:
+    """The element at `steps`, created where missing. A missing first step goes right after the first
+    of `after` found among its siblings (`()`: as the first child; None or none found: at the end)."""
     cur = node
-    for s in steps:
+    for i, s in enumerate(steps):
         nxt = cur.find(s)
         if nxt is None:
-            nxt = append_child(cur, etree.Element(s))
+            index = None
+            if i == 0 and after is not None:
+                index = index_after(cur, after) if after else 0
+            nxt = append_child(cur, etree.Element(s), index=index)
         cur = nxt
     return cur
 
 
-class XMLProperty:
-    """One value in the document: element text (`./memory`) or an attribute (`./driver/@type`)."""
+def remove_all(node: etree._Element, path: str) -> int:
+    """Remove every element `path` finds under `node`; how many there were."""
+    found = node.findall(path)
+    for el in found:
+        remove(el)
+    return len(found)
 
-    def __init__(self, path: str, *, is_int: bool = False, doc: str = "") -> None:
+
+class XMLProperty:
+    """One value in the document: element text (`./memory`) or an attribute (`./driver/@type`).
+
+    Element text is read stripped, except with strip=False (host paths: libvirt does not trim them, so
+    a check of the path must see what libvirt will open). `after` places a missing first element (see
+    `ensure_path`), where libvirt's schema or readability wants it."""
+
+    def __init__(self, path: str, *, is_int: bool = False, strip: bool = True, after: tuple[str, ...] | None = None,
+                 doc: str = "") -> None:
         self.path = path
         self.steps, self.attr = _split(path)
         self.is_int = is_int
+        self.strip = strip
+        self.after = after
         self.__doc__ = doc or path
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -168,7 +199,7 @@ class XMLProperty:
             except ValueError:
                 raise DomainError(f"domain XML: {self.path} of <{obj.node.tag}> is not an integer: {raw!r}",
                                   hint="fix the value in the domain XML") from None
-        return raw.strip() if not self.attr else raw
+        return raw.strip() if not self.attr and self.strip else raw
 
     def __set__(self, obj: XMLObject, value: Any) -> None:
         if value is None:
@@ -181,7 +212,7 @@ class XMLProperty:
             elif self.steps:
                 remove(node)
             return
-        node = ensure_path(obj.node, self.steps)
+        node = ensure_path(obj.node, self.steps, after=self.after)
         if self.attr:
             node.set(self.attr, str(value))
         else:
@@ -191,12 +222,46 @@ class XMLProperty:
 class XMLObject:
     """A view of one element of the document; properties read and write it in place."""
 
+    XML_NAME = ""
+
     def __init__(self, node: etree._Element) -> None:
         self.node = node
+
+    @classmethod
+    def new(cls: type[T], tag: str | None = None) -> T:
+        """A detached element, to fill with properties before it is put into a document."""
+        return cls(etree.Element(tag or cls.XML_NAME))
 
     @property
     def tag(self) -> str:
         return str(self.node.tag)
+
+    @property
+    def text(self) -> str | None:
+        """The element's own text, as written (not stripped)."""
+        return self.node.text
+
+    @text.setter
+    def text(self, value: str | None) -> None:
+        self.node.text = value
+
+    @property
+    def parent_tag(self) -> str | None:
+        parent = self.node.getparent()
+        return None if parent is None else str(parent.tag)
+
+    def is_child_of(self, other: XMLObject) -> bool:
+        return self.node.getparent() is other.node
+
+    def reindent(self) -> None:
+        """Lay a freshly built subtree out like the rest of the document (two spaces a level)."""
+        reindent(self.node, indent_of(self.node))
+
+    def remove_all(self, path: str) -> int:
+        return remove_all(self.node, path)
+
+    def clear_attributes(self) -> None:
+        self.node.attrib.clear()
 
     def has(self, path: str) -> bool:
         steps, attr = _split(path)

@@ -44,26 +44,6 @@ FSTAB = "LABEL={label}\t/\text4\tdefaults\t0\t1\nproc\t/proc\tproc\tdefaults\t0\
 EXTRA_MODULES = ("kernel/drivers/char/virtio_console.ko",)
 
 
-def newest_host_kernel(boot: Path = Path("/boot")) -> tuple[Path, Path, str]:
-    """(vmlinuz, initrd, version) of the newest kernel installed on this machine."""
-    from vmtool.image.kernels import version_key  # lazy: image/ is another module's
-
-    found = []
-    for p in boot.glob("vmlinuz-*"):
-        ver = p.name[len("vmlinuz-"):]
-        initrd = boot / f"initrd.img-{ver}"
-        if initrd.exists() and os.access(p, os.R_OK):
-            found.append((version_key(ver), p, initrd, ver))
-    if not found:
-        raise VmtoolError(
-            "no kernel with an initrd in /boot to boot the default image",
-            hint="install the Debian package linux-image-amd64 (make deps)",
-        )
-    found.sort(key=lambda t: t[0])
-    _, k, i, v = found[-1]
-    return k, i, v
-
-
 def make_rootfs_tree(
     dest: Path,
     *,

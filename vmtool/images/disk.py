@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from vmtool.errors import VmtoolError
-from vmtool.images.default import make_rootfs_tree, newest_host_kernel
+from vmtool.images.default import make_rootfs_tree
+from vmtool.launch.host import newest_host_kernel
 from vmtool.run import run
 
 MiB = 1 << 20

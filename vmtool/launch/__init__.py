@@ -2,26 +2,32 @@
 
 Public API (used by `vmtool launch` and by the queue worker, which may run 1-2 VMs at once in one slot):
 
+    from vmtool import manifest
+    from vmtool.domain.policy import BootFiles, RenderOptions
     from vmtool.launch import LaunchSpec, start, launch, ExitReason
 
     spec = LaunchSpec(
-        manifest=Path("build/manifest.json"),   # direct kernel boot from a build, or
+        render=RenderOptions(                   # the domain (vmtool.domain.policy renders it)
+            sandbox=Path("sandbox"),            # console log, sockets and report live here
+            boot=BootFiles.of(manifest.load(Path("build/manifest.json"))),  # direct kernel boot from a
+                                                #   build; None with a domain XML that boots itself
+            disks=(Path("sandbox/root.qcow2"),),  # staged overlays, in target order (vda, vdb, ...)
+            cpus=None, memory_mib=None,         # None: from the slot (_CONDOR_MACHINE_AD) or the host
+            memory_limit_mib=None,              # the VM cgroup's limit; None: guest memory + qemu overhead
+            name=None,                          # None: "vmtool-<pid>-<random>" (unique per job)
+            channels=(("org.vmtool.relay.0", Path("sandbox/relay0.sock")),),  # virtio-serial <-> unix socket
+            console_log=None,                   # None: sandbox/<name>.console.log
+            extra_cmdline=("vmtool.job=42",),   # appended to the kernel command line (manifest boot)
+            network="user",                     # "user", "none" or a libvirt network name
+            graphics=False,                     # keep graphics on 127.0.0.1
+        ),
         domain_xml=None,                        # a domain XML from elsewhere (rendered for this host)
-        disks=(Path("sandbox/root.qcow2"),),    # staged overlays, in target order (vda, vdb, ...)
-        cpus=None, memory_mib=None,             # None: from the slot (_CONDOR_MACHINE_AD) or the host
         timeout=3600.0,                         # seconds; None = no limit
         uri="qemu:///system",
-        sandbox=Path("sandbox"),                # console log, sockets and report live here
-        name=None,                              # None: "vmtool-<pid>-<random>" (unique per job)
-        channels=(("org.vmtool.relay.0", Path("sandbox/relay0.sock")),),  # virtio-serial <-> unix socket
-        console_log=None,                       # None: sandbox/<name>.console.log
         use_cgroup=True,                        # False = --no-cgroup (VM stays where libvirt puts it)
         cgroup_parent=None,                     # None: the job's own cgroup (/proc/self/cgroup); or a
                                                 #   path relative to the hierarchy roots
-        memory_limit_mib=None,                  # the VM cgroup's limit; None: guest memory + qemu overhead
-        extra_cmdline=("vmtool.job=42",),       # appended to the kernel command line (manifest boot)
-        network="user",                         # "user", "none" or a libvirt network name
-        graphics=False, machine_ad=None,        # keep graphics on 127.0.0.1; slot ad other than the env's
+        machine_ad=None,                        # slot ad other than the environment's
         grace=30.0,                             # seconds between ACPI shutdown and destroy
     )
 
@@ -43,7 +49,7 @@ In the guest the port appears as /dev/vportNpM whose /sys/class/virtio-ports/*/n
 ExitReason.X.exit_code is what `vmtool launch` exits with (0, 124, 5, 4, 143; docs/launch.md).
 The domain is transient, started paused and with AUTODESTROY (if the process dies, libvirt destroys it).
 
-Modules: `host` (libvirt capabilities, the KVM probe and its cache), `cgroups` (the only writer of
+Modules: `host` (HostFacts: libvirt capabilities, the host's kernel, the KVM probe and its cache), `cgroups` (the only writer of
 /sys/fs/cgroup), `vm` (LaunchSpec, RunningVM, start, launch). The domain XML itself is made by
 `vmtool.domain` (`render`).
 """

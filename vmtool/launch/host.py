@@ -1,4 +1,5 @@
-"""What this host can run: libvirt's capabilities and whether KVM really works (the only KVM prober).
+"""What this host can run: libvirt's capabilities, its newest kernel, and whether KVM really works (the
+only KVM prober).
 
 An openable /dev/kvm proves nothing (on a host that is itself a VM, qemu aborts on an MSR or hangs in
 the BIOS), so the probe boots the host's kernel with `-accel kvm` and no root filesystem: a working KVM
@@ -21,13 +22,29 @@ from typing import Any
 
 from lxml import etree
 
-from vmtool.domain.policy import HostFacts
-from vmtool.errors import LaunchError
+from vmtool.errors import LaunchError, VmtoolError
 from vmtool.fsutil import write_atomic
+from vmtool.image.kernels import version_key
 from vmtool.run import DEVNULL, PIPE, spawn
 
 PROBE_DEADLINE = 10.0
 PROBE_MARK = b"Linux version"
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What this host can run (libvirt's capabilities and the KVM probe); domain.policy renders for it."""
+
+    emulator: str
+    arch: str = "x86_64"
+    machines: tuple[str, ...] = ("pc", "q35")
+    domain_types: tuple[str, ...] = ("qemu",)
+    kvm: bool = False
+    kvm_reason: str = ""
+
+    @property
+    def accel(self) -> str:
+        return "kvm" if self.kvm else "tcg"
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,24 @@ class KvmProbe:
 
     def to_dict(self) -> dict[str, Any]:
         return {"usable": self.usable, "reason": self.reason, "key": self.key}
+
+
+def newest_host_kernel(boot: Path = Path("/boot")) -> tuple[Path, Path, str]:
+    """(vmlinuz, initrd, version) of the newest kernel installed on this machine."""
+    found = []
+    for p in boot.glob("vmlinuz-*"):
+        ver = p.name[len("vmlinuz-"):]
+        initrd = boot / f"initrd.img-{ver}"
+        if initrd.exists() and os.access(p, os.R_OK):
+            found.append((version_key(ver), p, initrd, ver))
+    if not found:
+        raise VmtoolError(
+            "no kernel with an initrd in /boot to boot the default image",
+            hint="install the Debian package linux-image-amd64 (make deps)",
+        )
+    found.sort(key=lambda t: t[0])
+    _, k, i, v = found[-1]
+    return k, i, v
 
 
 def cache_path() -> Path:
@@ -107,8 +142,6 @@ def probe_kvm(emulator: str, *, refresh: bool = False, deadline: float = PROBE_D
                 return KvmProbe(bool(data["usable"]), str(data["reason"]), key, cached=True)
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    from vmtool.images.default import newest_host_kernel
-
     kernel, _initrd, _ver = newest_host_kernel()
     usable, reason = _run_probe(emulator, kernel, deadline)
     result = KvmProbe(usable, reason, key)

@@ -20,12 +20,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from lxml import etree
-
-from vmtool.domain.policy import HostFacts, Rendered, RenderOptions, render
+from vmtool.domain.model import Domain
+from vmtool.domain.policy import Rendered, RenderOptions, render
 from vmtool.domain.slot import Slot, discover_slot
 from vmtool.errors import CgroupError, LaunchError, VmtoolError
 from vmtool.launch import cgroups
+from vmtool.launch.host import HostFacts
 from vmtool.launch.libvirtconn import connect, libvirt_module, unwatch_lifecycle, watch_lifecycle
 
 log = logging.getLogger("vmtool.launch")
@@ -54,25 +54,14 @@ class ExitReason(enum.Enum):
 
 @dataclass(frozen=True)
 class LaunchSpec:
-    """Everything needed to run one VM; see vmtool.launch for the meaning of each field."""
+    """Everything needed to run one VM: the domain to render, and how to run it (see vmtool.launch)."""
 
-    manifest: Path | None = None
+    render: RenderOptions
     domain_xml: Path | None = None
-    disks: tuple[Path, ...] = ()
-    cpus: int | None = None
-    memory_mib: int | None = None
-    memory_limit_mib: int | None = None
     timeout: float | None = None
     uri: str = DEFAULT_URI
-    sandbox: Path = Path(".")
-    name: str | None = None
-    channels: tuple[tuple[str, Path], ...] = ()
-    console_log: Path | None = None
     use_cgroup: bool = True
     cgroup_parent: str | None = None
-    extra_cmdline: tuple[str, ...] = ()
-    network: str = "user"
-    graphics: bool = False
     machine_ad: Path | None = None
     grace: float = 30.0
 
@@ -141,12 +130,7 @@ def render_for(spec: LaunchSpec, host: HostFacts, slot: Slot | None = None) -> R
             raise LaunchError(f"cannot read domain XML {spec.domain_xml}: {e.strerror}") from None
     if slot is None:
         slot = discover_slot(machine_ad=spec.machine_ad)
-    opts = RenderOptions(
-        sandbox=spec.sandbox, disks=spec.disks, name=spec.name, cpus=spec.cpus, memory_mib=spec.memory_mib,
-        memory_limit_mib=spec.memory_limit_mib, manifest=spec.manifest, console_log=spec.console_log,
-        channels=spec.channels, network=spec.network, graphics=spec.graphics, extra_cmdline=spec.extra_cmdline,
-    )
-    return render(source, opts, host, slot)
+    return render(source, spec.render, host, slot)
 
 
 def _qemu_pid(name: str, uri: str) -> int:
@@ -192,9 +176,9 @@ class RunningVM:
         self._stats = VMStats()
         self._own_reason: ExitReason | None = None
         self._closed = False
-        root = etree.fromstring(rendered.xml.encode())
-        self._disk_targets = [t.get("dev", "") for t in root.findall("devices/disk/target")]
-        self._macs = [m.get("address", "") for m in root.findall("devices/interface/mac")]
+        dom = Domain.from_xml(rendered.xml)
+        self._disk_targets = [d.target_dev or "" for d in dom.disks if d.has("./target")]
+        self._macs = [n.mac or "" for n in dom.interfaces if n.has("./mac")]
         self._net_counted = bool(self._macs)
         self.reason: ExitReason | None = None
         self.detail = ""

@@ -14,13 +14,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmtool.errors import QueueError
 from vmtool.image import formats
 from vmtool.queue.agent import RELAY_PORT_NAME
 from vmtool.stage.cache import BASE_RE
 from vmtool.stage.stage import make_overlay
+
+if TYPE_CHECKING:
+    from vmtool.manifest import Manifest
 
 _LIBVIRT_LOCK = threading.Lock()
 
@@ -33,7 +36,7 @@ IMAGE_POLICY = formats.Policy(backing_roots=formats.ANYWHERE, backing_name=BASE_
 
 @dataclass(frozen=True)
 class ImageRef:
-    manifest: Path
+    manifest: Manifest  # loaded once; its kernel, initrd and command line boot every VM
     base: Path  # the disk the per-VM overlays are made on
     base_format: str
     virtual_size: int  # given to make_overlay, so making an overlay never opens the base
@@ -59,7 +62,7 @@ def resolve_image(image: Path, *, manifest: Path | None = None) -> ImageRef:
             hint="rebuild it with 'vmtool build --agent relay'",
         )
     info = formats.check(base, fmt, IMAGE_POLICY, what=f"image {base}", error=QueueError)
-    return ImageRef(mpath, base, info.format, info.virtual_size)
+    return ImageRef(m, base, info.format, info.virtual_size)
 
 
 def _find_manifest(image: Path) -> Path:
@@ -140,6 +143,7 @@ class VMFactory:
 
     @contextmanager
     def _start(self, slot: int) -> Iterator[LaunchedVM]:
+        from vmtool.domain.policy import BootFiles, RenderOptions
         from vmtool.launch import LaunchSpec, start
 
         d = self.workdir / f"vm{slot}"
@@ -151,18 +155,20 @@ class VMFactory:
             make_overlay(self.image.base, self.image.base_format, overlay, self.image.virtual_size)
             sock = d / "relay.sock"
             spec = LaunchSpec(
-                manifest=self.image.manifest,
-                disks=(overlay,),
-                cpus=self.cpus,
-                memory_mib=self.memory_mib,
+                render=RenderOptions(
+                    sandbox=d,
+                    boot=BootFiles.of(self.image.manifest),
+                    disks=(overlay,),
+                    cpus=self.cpus,
+                    memory_mib=self.memory_mib,
+                    name=f"{self.name_prefix}{os.getpid()}-{slot}-{os.urandom(2).hex()}",
+                    channels=((RELAY_PORT_NAME, sock),),
+                    network=self.network,
+                ),
                 timeout=None,
                 uri=self.uri,
-                sandbox=d,
-                name=f"{self.name_prefix}{os.getpid()}-{slot}-{os.urandom(2).hex()}",
-                channels=((RELAY_PORT_NAME, sock),),
                 use_cgroup=self.use_cgroup,
                 cgroup_parent=self.cgroup_parent,
-                network=self.network,
             )
             with _LIBVIRT_LOCK:
                 running = start(spec)
