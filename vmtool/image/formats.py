@@ -126,6 +126,7 @@ class Policy:
 # A backing file anywhere on the host, as long as it is a plain file path named with its format and
 # itself stands alone: the overlays vmtool stages, whose bases are in a cache the caller does not know.
 ANYWHERE = (Path("/"),)
+MAX_CHAIN = 4  # images in a backing chain, the top one included (a loop ends here too)
 
 
 # -- reading headers -----------------------------------------------------------------------------------
@@ -322,7 +323,12 @@ def check(
 
     `fmt` is the format the user declared (None: recognise it). The header is read and judged before
     qemu opens the file; the `error` raised carries a hint."""
-    what = what or str(path)
+    return _check(path, fmt, policy, what or str(path), error, 0)
+
+
+def _check(
+    path: Path, fmt: str | None, policy: Policy, what: str, error: type[VmtoolError], depth: int
+) -> ImageInfo:
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -339,7 +345,7 @@ def check(
         info = inspect(path)
     except OSError as e:
         raise error(f"{what}: cannot read: {e.strerror}", hint="check the file's permissions") from None
-    _judge(path, info, fmt, policy, what, error)
+    _judge(path, info, fmt, policy, what, error, depth)
     if info.format == "raw" and fmt is None and info.content is None and not policy.guess_raw:
         raise error(
             f"{what} is not a disk image (no qcow2 header, partition table or filesystem found)",
@@ -369,7 +375,7 @@ def check(
 
 
 def _judge(
-    path: Path, info: ImageInfo, fmt: str | None, policy: Policy, what: str, error: type[VmtoolError]
+    path: Path, info: ImageInfo, fmt: str | None, policy: Policy, what: str, error: type[VmtoolError], depth: int
 ) -> None:
     """The header checks every caller shares; `policy` only decides about backing files."""
     if info.format not in FORMATS:
@@ -393,7 +399,7 @@ def _judge(
     if info.format != "qcow2":
         return
     if info.backing is not None:
-        _judge_backing(path, info, policy, what, error)
+        _judge_backing(path, info, policy, what, error, depth)
     if info.data_file is not None:
         named = f" ({info.data_file!r})" if info.data_file else ""
         raise error(f"{what} has an external data file{named}, which vmtool never follows", hint=_FLATTEN)
@@ -411,7 +417,9 @@ def _judge(
         raise error(f"{what} is a qcow2 image marked corrupt", hint="qemu-img check -r all a copy, or rebuild it")
 
 
-def _judge_backing(path: Path, info: ImageInfo, policy: Policy, what: str, error: type[VmtoolError]) -> None:
+def _judge_backing(
+    path: Path, info: ImageInfo, policy: Policy, what: str, error: type[VmtoolError], depth: int
+) -> None:
     name = info.backing or ""
     proto = protocol_of(name)
     if proto is not None:
@@ -435,8 +443,12 @@ def _judge_backing(path: Path, info: ImageInfo, policy: Policy, what: str, error
         why = "does not name its format" if info.backing_format is None else f"is {info.backing_format!r}"
         raise error(f"{what}: its backing file {name!r} {why} (qemu would probe it)",
                     hint="make overlays with an explicit backing format: qemu-img create -F raw|qcow2 ...")
-    check(real, info.backing_format, Policy(whole_sectors=False, qemu=False),
-          what=f"{what}: its backing file {name!r}", error=error)
+    if depth + 1 >= MAX_CHAIN:
+        raise error(f"{what}: its backing chain is deeper than {MAX_CHAIN} images", hint=_FLATTEN)
+    # Every link of the chain is judged as the image itself was (a per-VM overlay on a staged overlay on
+    # a cached base has three), by its header alone.
+    link = replace(policy, guess_raw=True, whole_sectors=False, qemu=False, qemu_check=False)
+    _check(real, info.backing_format, link, f"{what}: its backing file {name!r}", error, depth + 1)
 
 
 # -- qemu-img ------------------------------------------------------------------------------------------
