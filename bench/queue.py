@@ -118,14 +118,16 @@ def part1(addr: tuple[str, int]) -> bool:
 
 
 def part2(addr: tuple[str, int], top: Path) -> None:
-    from vmtool.image.build import BuildOptions, build
+    from vmtool.image.build import build
+    from vmtool.image.options import BuildOptions
     from vmtool.images.disk import make_default_disk
+    from vmtool.queue.agent import AgentMode
     from vmtool.queue.vms import VMFactory, resolve_image
     from vmtool.queue.worker import Worker, WorkerOptions
 
     disk = top / "default.raw"
     make_default_disk(disk)
-    res = build(BuildOptions(source=disk, outdir=top / "build", agent="relay"))
+    res = build(BuildOptions(source=disk, outdir=top / "build", agent=AgentMode.RELAY))
     tube = "bench-vm"
     ready: list[float] = []
     results: list[float] = []

@@ -176,8 +176,10 @@ def _slot_cgroup(opts: DemoOptions, say: Say) -> Iterator[str | None]:
 
 
 def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
-    from vmtool.image.build import BuildOptions, build
+    from vmtool.image.build import build
+    from vmtool.image.options import BuildOptions
     from vmtool.images.disk import make_default_disk
+    from vmtool.queue.agent import AgentMode
     from vmtool.queue.beanstalk import Beanstalk, results_tube
     from vmtool.queue.client import collect_results, put_items
     from vmtool.queue.items import item_from_dict
@@ -218,7 +220,7 @@ def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
 
         t0 = time.monotonic()
         say("vmtool build --agent relay: extracting the root filesystem, installing the guest agent")
-        res = build(BuildOptions(source=disk, outdir=top / "build", agent="relay"))
+        res = build(BuildOptions(source=disk, outdir=top / "build", agent=AgentMode.RELAY))
         manifest = res.outdir / "manifest.json"
         disk.unlink()  # the build holds all the VMs need
         timed("build", t0)

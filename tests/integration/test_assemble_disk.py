@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -173,8 +174,7 @@ def test_qcow2_rootfs_is_placed_by_qemu_img(build_copy: Path, tmp_path: Path) ->
     want = m.rootfs.sha256
     size = raw_root.stat().st_size
     raw_root.unlink()
-    m.rootfs.path, m.rootfs.format = q.name, "qcow2"
-    m.save(build_copy)
+    replace(m, rootfs=replace(m.rootfs, path=q.name, format="qcow2")).save(build_copy)
     assert main(["disk", "assemble", os.fspath(build_copy)]) == 0
     disk = build_copy.parent / "disk.raw"
     _, root = _partitions(disk)

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.cloud import MotoServer, free_port
+from tests.fixtures.cloud import MotoServer, assemble, free_port
 from vmtool import manifest as manifest_mod
 from vmtool.cli.main import main
 from vmtool.errors import PublishError
-from vmtool.image.assemble import assemble_disk, update_manifest
+from vmtool.image.assemble import assemble_disk
 from vmtool.publish.common import digest_file
 from vmtool.publish.ec2 import SnapshotImporter, make_clients, publish_ec2, upload_multipart
 
@@ -40,7 +40,7 @@ def bucket(clients: tuple[Any, Any], request: pytest.FixtureRequest) -> Iterator
 
 @pytest.fixture
 def disk_build(build_copy: Path) -> Path:
-    update_manifest(build_copy, assemble_disk(build_copy, build_copy.parent / "disk.raw", "raw"))
+    assemble(build_copy, build_copy.parent / "disk.raw", "raw")
     return build_copy
 
 
@@ -282,8 +282,8 @@ def test_json_output_of_a_second_publish(
 def test_qcow2_disk_is_uploaded_as_raw(build_copy: Path) -> None:
     from vmtool.publish.ec2 import raw_disk
 
-    raw = assemble_disk(build_copy, build_copy.parent / "disk.raw", "raw")
-    update_manifest(build_copy, assemble_disk(build_copy, build_copy.parent / "disk.qcow2", "qcow2"))
+    raw = assemble_disk(manifest_mod.load(build_copy), build_copy.parent / "disk.raw", "raw")
+    assemble(build_copy, build_copy.parent / "disk.qcow2", "qcow2")
     m = manifest_mod.load(build_copy)
     with raw_disk(m) as p:
         assert p.name.endswith(".raw") and p.parent != build_copy.parent

@@ -7,16 +7,17 @@ import json
 import os
 import urllib.request
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.fixtures.cloud import Glance, free_port
+from tests.fixtures.cloud import Glance, assemble, free_port, record_disk
 from vmtool import manifest as manifest_mod
 from vmtool.cli.main import main
 from vmtool.errors import PublishError
-from vmtool.image.assemble import assemble_disk, update_manifest
+from vmtool.image.assemble import assemble_disk
 from vmtool.publish.glance import GlanceClient, _check_boot_image
 
 pytestmark = pytest.mark.cloud
@@ -84,7 +85,7 @@ def test_whole_disk_publish_sets_uefi(
     rc, _, err = _publish([os.fspath(build_copy), "--endpoint", glance.url, "--whole-disk"], capsys)
     assert rc == 1 and "no whole-disk image" in err and "vmtool disk assemble" in err
     disk = build_copy.parent / "disk.qcow2"
-    update_manifest(build_copy, assemble_disk(build_copy, disk, "qcow2"))
+    assemble(build_copy, disk, "qcow2")
     monkeypatch.setenv("VMTOOL_PROGRESS", "1")  # the bar a terminal would show
     rc, out, err = _publish(
         [os.fspath(build_copy), "--endpoint", glance.url, "--whole-disk", "--name", "wd"], capsys
@@ -102,9 +103,8 @@ def test_failed_upload_leaves_no_image(
     # The manifest lies: it calls a raw disk qcow2. Glance inspects the upload and refuses it after the
     # image record exists; vmtool must delete that record again.
     disk = build_copy.parent / "disk.raw"
-    info = assemble_disk(build_copy, disk, "raw")
-    info.format = "qcow2"
-    update_manifest(build_copy, info)
+    info = assemble_disk(manifest_mod.load(build_copy), disk, "raw")
+    record_disk(build_copy, replace(info, format="qcow2"))
     before = {i["id"] for i in _images(glance)}
     rc, _, err = _publish(
         [os.fspath(build_copy), "--endpoint", glance.url, "--whole-disk", "--name", "liar"], capsys

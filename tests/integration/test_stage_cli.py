@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -232,7 +233,7 @@ def test_manifest_source(
     res = json.loads(out)
     assert res["sha256"] == sha and res["format"] == "raw" and res["overlay"].endswith("/root.qcow2")
     # A manifest whose recorded checksum does not match its rootfs is refused.
-    man.rootfs.sha256 = "1" * 64
+    man = replace(man, rootfs=replace(man.rootfs, sha256="1" * 64))
     man.save(out_dir / "manifest.json")
     cache2 = tmp_path / "cache2"
     rc, _, err = vm(

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from vmtool.cli.output import add_json_flag, emit
+from vmtool.image.options import Backend
+from vmtool.manifest import ImageFormat
+from vmtool.queue.agent import AgentMode
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,12 +33,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Extract the root filesystem of a whole-disk image (partition or LVM LV), "
         "relabel it, rewrite its fstab, and copy out the newest kernel and initrd.",
     )
+    # The choices of these options are checked once, by BuildOptions (a clear error with a hint).
     b.add_argument("image", metavar="DISK", help="whole-disk image (raw or qcow2)")
     b.add_argument("-o", "--output", dest="outdir", metavar="OUTDIR", required=True, help="output directory")
-    b.add_argument("--format", choices=("raw", "qcow2"), help="image format (default: from its header)")
+    b.add_argument("--format", metavar=_one_of(ImageFormat), help="image format (default: from its header)")
     b.add_argument("--label", help="root filesystem label (default cloudimg-rootfs; xfs allows 12 bytes)")
     b.add_argument(
-        "--rootfs-format", choices=("raw", "qcow2"), default="raw", help="format of the rootfs file"
+        "--rootfs-format", metavar=_one_of(ImageFormat), default="raw", help="format of the rootfs file"
     )
     b.add_argument("--kernel-version", metavar="V", help="use this kernel version instead of the newest")
     b.add_argument(
@@ -47,7 +52,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     b.add_argument(
         "--backend",
-        choices=("auto", "native", "guestfs"),
+        metavar=_one_of(Backend),
         default="auto",
         help="native: no root, no appliance (ext2/3/4); guestfs: libguestfs appliance (any fs)",
     )
@@ -59,16 +64,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--agent",
         nargs="?",
         const="relay",
-        choices=("relay", "direct"),
+        metavar=_one_of(AgentMode),
         default=None,
         help="install the vmtool guest agent (default mode: relay)",
     )
     b.add_argument("--disk", action="store_true", help="also assemble a bootable whole-disk image")
     b.add_argument(
-        "--disk-format", choices=("raw", "qcow2"), default="raw", help="format of the --disk image"
+        "--disk-format", metavar=_one_of(ImageFormat), default="raw", help="format of the --disk image"
     )
     add_json_flag(b)
     b.set_defaults(func=cmd_build)
+
+
+def _one_of(kind: type[StrEnum]) -> str:
+    return "{" + ",".join(m.value for m in kind) + "}"
 
 
 def _size(n: int | None) -> str:
@@ -158,7 +167,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from vmtool.image.build import BuildOptions, build
+    from vmtool.image.build import build
+    from vmtool.image.options import BuildOptions
 
     opts = BuildOptions(
         source=Path(args.image),
@@ -167,7 +177,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         label=args.label,
         rootfs_format=args.rootfs_format,
         kernel_version=args.kernel_version,
-        ssh_keys=list(args.ssh_key),
+        ssh_keys=tuple(args.ssh_key),
         backend=args.backend,
         root=args.root,
         force=args.force,

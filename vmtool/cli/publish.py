@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,13 +125,13 @@ def _usage(p: argparse.ArgumentParser) -> int:
 
 def cmd_disk_assemble(args: argparse.Namespace) -> int:
     from vmtool import manifest as manifest_mod
-    from vmtool.image.assemble import assemble_disk, update_manifest
+    from vmtool.image.assemble import assemble_disk
 
-    manifest_mod.load(args.manifest)  # a clear error before any work if it is not a manifest
+    m = manifest_mod.load(args.manifest)  # once: a clear error before any work if it is not a manifest
     out = args.output or args.manifest.parent / f"disk.{args.format}"
-    info = assemble_disk(args.manifest, out, args.format)
-    update_manifest(args.manifest, info)
-    data = {"manifest": str(args.manifest), "disk": info.__dict__}
+    info = assemble_disk(m, out, args.format)
+    replace(m, disk=info).save(args.manifest)
+    data = {"manifest": str(args.manifest), "disk": asdict(info)}
     emit(args, data, f"{args.manifest.parent / info.path} ({info.format}, UEFI, {info.virtual_size} bytes)")
     return 0
 

@@ -24,12 +24,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmtool import manifest as manifest_mod
 from vmtool.errors import ImageError, VmtoolError
 from vmtool.fsutil import os_error
 from vmtool.image import formats
 from vmtool.log import step
-from vmtool.manifest import DiskInfo, Manifest
+from vmtool.manifest import DiskInfo, ImageFormat, Manifest
 from vmtool.run import run
 
 STUB_DIRS = (Path("/usr/lib/systemd/boot/efi"), Path("/usr/lib/systemd/efi"))
@@ -44,7 +43,7 @@ ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
 # 2000-01-01T00:00:00Z: a fixed time for FAT entries, so the image is reproducible.
 FIXED_MTIME = 946684800
-FORMATS = formats.FORMATS
+FORMATS = tuple(f.value for f in ImageFormat)
 ROOTFS_POLICY = formats.Policy()  # the rootfs stands alone; raw or qcow2 as its manifest says
 COPY_CHUNK = 4 * MIB
 
@@ -227,18 +226,17 @@ def root_cmdline(m: Manifest) -> str:
     return cmdline
 
 
-def assemble_disk(manifest_path: Path, out: Path, fmt: str) -> DiskInfo:
-    """Write a bootable UEFI whole-disk image of the build described by `manifest_path` to `out`.
+def assemble_disk(m: Manifest, out: Path, fmt: str) -> DiskInfo:
+    """Write a bootable UEFI whole-disk image of the build `m` describes to `out`.
 
-    `out` should lie in the manifest's directory (DiskInfo.path is relative to it). The image
-    appears only when complete; the manifest itself is not changed (see update_manifest).
+    `out` must lie in the manifest's directory (DiskInfo.path is relative to it). The image
+    appears only when complete; the manifest is not changed: the caller records the disk with
+    `replace(m, disk=info).save(...)`.
     """
     if fmt not in FORMATS:
         raise VmtoolError(f"unknown disk format {fmt!r}", hint="use raw or qcow2")
-    manifest_path = Path(manifest_path)
     out = Path(out)
-    m = manifest_mod.load(manifest_path)
-    base = manifest_path.parent.resolve()
+    base = m.base_dir.resolve()
     out_abs = out.resolve()
     if base not in out_abs.parents:
         raise VmtoolError(
@@ -340,11 +338,3 @@ def assemble_disk(manifest_path: Path, out: Path, fmt: str) -> DiskInfo:
         sha256=digest,
         boot="uki",
     )
-
-
-def update_manifest(manifest_path: Path, disk: DiskInfo) -> Manifest:
-    """Record `disk` in the manifest; the new manifest replaces the old one atomically."""
-    m = manifest_mod.load(manifest_path)
-    m.disk = disk
-    m.save(manifest_path)
-    return m

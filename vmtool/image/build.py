@@ -11,7 +11,8 @@ import logging
 import os
 import re
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from vmtool.image.extract import (
     extract,
     sparse_clone,
 )
-from vmtool.image.fs import LABEL_MAX, probe
+from vmtool.image.fs import probe
 from vmtool.image.inspect import (
     EXT_TYPES,
     Kernel,
@@ -40,60 +41,77 @@ from vmtool.image.inspect import (
     read_fstab,
     reader_for,
 )
+from vmtool.image.options import DEFAULT_LABEL, Backend, BuildOptions, check_label
 from vmtool.image.source import BackgroundHash, Source, open_source, raw_view, sha256_file
-from vmtool.manifest import BootFile, DiskInfo, Manifest, RootfsInfo, SourceInfo
+from vmtool.manifest import BootFile, DiskInfo, ImageFormat, Manifest, RootfsInfo, SourceInfo
+from vmtool.queue.agent import AgentMode
 from vmtool.run import run
 
 log = logging.getLogger("vmtool.image.build")
 
-DEFAULT_LABEL = "cloudimg-rootfs"
-LABEL_RE = re.compile(r"[A-Za-z0-9._-]+")
 AUTHORIZED_KEYS = "/root/.ssh/authorized_keys"
 
 
-@dataclass
-class BuildOptions:
-    source: Path
-    outdir: Path
-    format: str | None = None
-    label: str | None = None
-    rootfs_format: str = "raw"
-    kernel_version: str | None = None
-    ssh_keys: list[Path] = field(default_factory=list)
-    backend: str = "auto"
-    root: str | None = None
-    force: bool = False
-    agent: str | None = None
-    disk: bool = False
-    disk_format: str = "raw"
-
-
-@dataclass
-class Result:
+@dataclass(frozen=True)
+class BuildResult:
     manifest: Manifest
-    backend: str
+    backend: Backend
     backend_reason: str
     outdir: Path
 
 
-def check_label(label: str, fstype: str, *, explicit: bool) -> None:
-    if not LABEL_RE.fullmatch(label):
-        raise ImageError(
-            f"label {label!r} may only hold letters, digits, '.', '_' and '-'",
-            hint="it goes on the kernel command line as root=LABEL=...; choose a simple --label",
-        )
-    limit = LABEL_MAX.get(fstype, 16)
-    if len(label.encode()) > limit:
-        what = "the label you gave" if explicit else f"the default label {label!r}"
-        raise ImageError(
-            f"{fstype} labels are limited to {limit} bytes and {what} has {len(label.encode())}",
-            hint="give a shorter one, e.g. --label img-rootfs"
-            if fstype == "xfs"
-            else "give a shorter --label",
-        )
+@dataclass(frozen=True)
+class Edits:
+    """What a build changes in the guest's root filesystem besides /etc/fstab."""
+
+    label: str
+    ssh_keys: bytes  # appended to root's authorized_keys
+    files: Mapping[str, tuple[bytes, int]]  # guest path -> (content, mode): the agent's files
 
 
-def read_ssh_keys(paths: list[Path]) -> bytes:
+@dataclass(frozen=True)
+class Work:
+    """Where a build reads and writes: the source disk as raw bytes, and the output directory being
+    filled (renamed into place when complete)."""
+
+    raw: Path
+    tmp: Path
+
+    @property
+    def rootfs(self) -> Path:
+        return self.tmp / "rootfs.img"
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    """The kernel and initrd copied out of the guest."""
+
+    kernel: Kernel
+    kernel_path: Path
+    initrd_path: Path
+    sha256: tuple[str, str] | None = None  # (kernel, initrd), when hashed while they were copied
+
+
+@dataclass(frozen=True)
+class RootOutput:
+    """The changed root filesystem in Work.rootfs."""
+
+    fstab_before: str | None
+    fstab_after: str
+    # Its sha256, still being computed on a thread when it was hashed as it was written.
+    digest: PendingDigest | None = None
+
+
+@dataclass(frozen=True)
+class GuestFilesystems:
+    """The guest's root and /boot as the native backend reads them."""
+
+    root: ExtFs
+    boot: ExtFs | None
+    root_copied: bool  # the root volume is already Work.rootfs (it was copied out to be inspected)
+
+
+def read_ssh_keys(paths: Iterable[Path]) -> bytes:
     out = b""
     for p in paths:
         try:
@@ -113,38 +131,17 @@ def read_ssh_keys(paths: list[Path]) -> bytes:
     return out
 
 
-def agent_files(mode: str) -> tuple[dict[str, tuple[bytes, int]], dict[str, Any]]:
-    """Files of the guest agent for --agent (written by the queue engineer's vmtool.queue.agent)."""
-    try:
-        from vmtool.queue import agent as agentmod  # lazy: another area's module
-    except ImportError:
-        raise VmtoolError(
-            "--agent is not available in this build of vmtool (vmtool.queue.agent is missing)",
-            hint="build without --agent",
-        ) from None
-    files = agentmod.agent_files(mode)
-    return dict(files), {"mode": mode, "version": getattr(agentmod, "AGENT_VERSION", "")}
+def agent_files(mode: AgentMode) -> tuple[dict[str, tuple[bytes, int]], dict[str, Any]]:
+    """Files of the guest agent for --agent, and what the manifest records of it."""
+    from vmtool.queue import agent as agentmod  # lazy: reads its templates
+
+    return dict(agentmod.agent_files(mode.value)), {"mode": mode.value, "version": agentmod.AGENT_VERSION}
 
 
-def write_files_into_rootfs(rootfs: Path, fstype: str, files: dict[str, tuple[bytes, int]]) -> None:
-    """Create or replace files (guest path -> (content, mode)) owned by root in a root filesystem image.
-
-    ext2/3/4 are changed in place with debugfs; other filesystems through one libguestfs appliance.
-    """
-    if not files:
-        return
-    if fstype in EXT_TYPES:
-        ExtFs(rootfs, name=os.fspath(rootfs)).write_files(files, workdir=rootfs.parent)
-        return
-    from vmtool.image import guestfs_backend  # lazy: needs the guestfs binding
-
-    guestfs_backend.write_files(rootfs, fstype, files)
-
-
-def pick_backend(requested: str, layout: Layout) -> tuple[str, str]:
+def pick_backend(requested: Backend, layout: Layout) -> tuple[Backend, str]:
     root = layout.root
     assert root is not None
-    if requested == "native":
+    if requested is Backend.NATIVE:
         if root.fstype not in EXT_TYPES:
             raise ImageError(
                 f"the root filesystem {root.name} is {root.fstype}; the native backend changes only ext2/3/4",
@@ -155,41 +152,36 @@ def pick_backend(requested: str, layout: Layout) -> tuple[str, str]:
                 f"/boot ({layout.boot.name}) is {layout.boot.fstype}; the native backend reads ext2/3/4",
                 hint="use --backend guestfs (or --backend auto)",
             )
-        return "native", "requested with --backend native"
-    if requested == "guestfs":
-        return "guestfs", "requested with --backend guestfs"
+        return Backend.NATIVE, "requested with --backend native"
+    if requested is Backend.GUESTFS:
+        return Backend.GUESTFS, "requested with --backend guestfs"
     if root.fstype in EXT_TYPES and (layout.boot is None or layout.boot.fstype in EXT_TYPES):
-        return "native", f"root filesystem is {root.fstype}: read and changed natively with e2fsprogs"
+        return Backend.NATIVE, f"root filesystem is {root.fstype}: read and changed natively with e2fsprogs"
     if root.fstype not in EXT_TYPES:
-        return "guestfs", f"{root.fstype} cannot be changed without an appliance: using libguestfs"
+        return Backend.GUESTFS, f"{root.fstype} cannot be changed without an appliance: using libguestfs"
     boot_type = layout.boot.fstype if layout.boot else "?"
     return (
-        "guestfs",
+        Backend.GUESTFS,
         f"/boot is {boot_type}, which vmtool cannot read without an appliance: using libguestfs",
     )
 
 
-def build(opts: BuildOptions) -> Result:
-    if opts.rootfs_format not in ("raw", "qcow2"):
-        raise VmtoolError(f"unknown --rootfs-format {opts.rootfs_format}", hint="use raw or qcow2")
-    if opts.backend not in ("auto", "native", "guestfs"):
-        raise VmtoolError(f"unknown --backend {opts.backend}", hint="use auto, native or guestfs")
-    src = open_source(opts.source, opts.format)
+def build(opts: BuildOptions) -> BuildResult:
+    src = open_source(opts.source, opts.format.value if opts.format else None)
     keys = read_ssh_keys(opts.ssh_keys) if opts.ssh_keys else b""
     extra_files: dict[str, tuple[bytes, int]] = {}
     agent_info = None
     if opts.agent:
         extra_files, agent_info = agent_files(opts.agent)
-    if opts.label is not None:
-        check_label(opts.label, "ext4", explicit=True)
-    outdir = Path(opts.outdir)
+    outdir = opts.outdir
     if outdir.resolve() == src.path.resolve() or src.path.resolve().is_relative_to(outdir.resolve()):
         raise VmtoolError("the output directory must not contain the source image", hint="choose another -o")
     with atomic_dir(outdir, force=opts.force) as tmp:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the VM runner (libvirt's qemu user) must read it
         src_hash = BackgroundHash(src.path)
         try:
-            return _build_in(opts, src, tmp, outdir, src_hash, keys, extra_files, agent_info)
+            edits = Edits(opts.label or DEFAULT_LABEL, keys, extra_files)
+            return _build_in(opts, src, tmp, src_hash, edits, agent_info)
         except BaseException:
             src_hash.cancel()
             raise
@@ -199,13 +191,13 @@ def _build_in(
     opts: BuildOptions,
     src: Source,
     tmp: Path,
-    outdir: Path,
     src_hash: BackgroundHash,
-    keys: bytes,
-    extra_files: dict[str, tuple[bytes, int]],
+    edits: Edits,
     agent_info: dict[str, Any] | None,
-) -> Result:
+) -> BuildResult:
+    """The build inside the temporary output directory `tmp`."""
     with raw_view(src, tmp) as raw:
+        work = Work(raw=raw, tmp=tmp)
         materialized: dict[str, Path] = {}
 
         def materialize(v: Volume) -> Path:
@@ -220,35 +212,22 @@ def _build_in(
         assert root is not None
         backend, reason = pick_backend(opts.backend, layout)
         log.info("backend %s: %s", backend, reason)
-        label = opts.label or DEFAULT_LABEL
-        check_label(label, root.fstype, explicit=opts.label is not None)
-        rootfs = tmp / "rootfs.img"
-        digest: PendingDigest | None = None
-        boot_sha: tuple[str, str] | None = None
-        if backend == "native":
-            kernel, kpath, ipath, fstab_before, fstab_after, digest, boot_sha = _native(
-                layout, raw, rootfs, tmp, label, keys, extra_files, opts.kernel_version, materialized
-            )
+        label = edits.label
+        check_label(label, root.fstype, explicit=opts.label is not None)  # its limit depends on the type
+        if backend is Backend.NATIVE:
+            boot, out = _native(layout, work, edits, opts.kernel_version, materialized)
         else:
-            from vmtool.image import guestfs_backend  # lazy: needs the guestfs binding
-
-            kernel, kpath, ipath, fstab_before, fstab_after = guestfs_backend.build(
-                layout,
-                rootfs,
-                tmp,
-                label=label,
-                ssh_keys=keys,
-                files=extra_files,
-                kernel_version=opts.kernel_version,
-            )
+            boot, out = _guestfs(layout, work, edits, opts.kernel_version)
         for p in materialized.values():
             p.unlink(missing_ok=True)
     # On a native build the rootfs sha256 is still being finished on its thread: it is collected last.
+    digest = out.digest
     try:
+        rootfs = work.rootfs
         rootfs_uuid, rootfs_type = _fs_identity(rootfs)
         virtual = os.path.getsize(rootfs)
         final = rootfs
-        if opts.rootfs_format == "qcow2":
+        if opts.rootfs_format is ImageFormat.QCOW2:
             if digest is not None:  # it is the raw file's: the qcow2 file is hashed instead
                 digest.cancel()
                 digest = None
@@ -260,13 +239,15 @@ def _build_in(
             rootfs.unlink()
         # Hash the rootfs on one core while its pages are written back (fsync) and the small files hashed.
         rootfs_hash = BackgroundHash(final, cache=False) if digest is None else None
+        kpath, ipath = boot.kernel_path, boot.initrd_path
         _fsync(final, kpath, ipath)  # durable before the rename that publishes them
-        k_sha, i_sha = boot_sha or (sha256_file(kpath, sparse=False), sha256_file(ipath, sparse=False))
+        k_sha, i_sha = boot.sha256 or (sha256_file(kpath, sparse=False), sha256_file(ipath, sparse=False))
+        version = boot.kernel.version
         manifest = Manifest(
             source=SourceInfo(os.fspath(src.path.resolve()), src.format, src.size, src_hash.get()),
             rootfs=RootfsInfo(
                 final.name,
-                opts.rootfs_format,
+                opts.rootfs_format.value,
                 rootfs_type,
                 label,
                 rootfs_uuid,
@@ -274,17 +255,17 @@ def _build_in(
                 allocated_bytes(final),
                 rootfs_hash.get() if rootfs_hash else digest.get() if digest else "",
             ),
-            kernel=BootFile(kpath.name, kernel.version, k_sha),
-            initrd=BootFile(ipath.name, kernel.version, i_sha),
+            kernel=BootFile(kpath.name, version, k_sha),
+            initrd=BootFile(ipath.name, version, i_sha),
             cmdline=f"root=LABEL={label} ro console=ttyS0",
-            fstab_before=fstab_before,
-            fstab_after=fstab_after,
+            fstab_before=out.fstab_before,
+            fstab_after=out.fstab_after,
             created=datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat(),
             vmtool_version=__version__,
             agent=agent_info,
             extra={
                 "build": {
-                    "backend": backend,
+                    "backend": backend.value,
                     "backend_reason": reason,
                     "root": root.name,
                     "root_reason": layout.root_reason,
@@ -294,17 +275,29 @@ def _build_in(
             },
             base_dir=tmp,
         )
-        mpath = tmp / "manifest.json"
-        manifest.save(mpath)
         if opts.disk:
-            manifest.disk = _assemble(mpath, tmp, opts.disk_format)
-            manifest.save(mpath)
-        manifest.base_dir = outdir
-        return Result(manifest, backend, reason, outdir)
+            manifest = replace(manifest, disk=_assemble(manifest, opts.disk_format))
+        manifest.save(tmp / "manifest.json")
+        return BuildResult(replace(manifest, base_dir=opts.outdir), backend, reason, opts.outdir)
     except BaseException:
         if digest is not None:
             digest.cancel()
         raise
+
+
+def _guestfs(layout: Layout, work: Work, edits: Edits, kernel_version: str | None) -> tuple[BootFiles, RootOutput]:
+    from vmtool.image import guestfs_backend  # lazy: needs the guestfs binding
+
+    kernel, kpath, ipath, fstab_before, fstab_after = guestfs_backend.build(
+        layout,
+        work.rootfs,
+        work.tmp,
+        label=edits.label,
+        ssh_keys=edits.ssh_keys,
+        files=dict(edits.files),
+        kernel_version=kernel_version,
+    )
+    return BootFiles(kernel, kpath, ipath), RootOutput(fstab_before, fstab_after)
 
 
 def _fsync(*paths: Path) -> None:
@@ -319,17 +312,11 @@ def _fsync(*paths: Path) -> None:
             raise os_error(e, f"writing {p}") from None
 
 
-def _assemble(mpath: Path, tmp: Path, fmt: str) -> DiskInfo:
-    try:
-        from vmtool.image.assemble import assemble_disk  # lazy: the publish area's module
-    except ImportError:
-        raise VmtoolError(
-            "--disk is not available in this build of vmtool (vmtool.image.assemble is missing)",
-            hint="build without --disk",
-        ) from None
-    out = tmp / f"disk.{'qcow2' if fmt == 'qcow2' else 'img'}"
-    info: DiskInfo = assemble_disk(mpath, out, fmt)
-    return info
+def _assemble(m: Manifest, fmt: ImageFormat) -> DiskInfo:
+    from vmtool.image.assemble import assemble_disk  # lazy: only --disk needs it
+
+    out = m.base_dir / f"disk.{'qcow2' if fmt is ImageFormat.QCOW2 else 'img'}"
+    return assemble_disk(m, out, fmt.value)
 
 
 def _fs_identity(rootfs: Path) -> tuple[str, str]:
@@ -344,100 +331,96 @@ def _fs_identity(rootfs: Path) -> tuple[str, str]:
 
 
 def _native(
-    layout: Layout,
-    raw: Path,
-    rootfs: Path,
-    tmp: Path,
-    label: str,
-    keys: bytes,
-    extra: dict[str, tuple[bytes, int]],
-    kernel_version: str | None,
-    materialized: dict[str, Path],
-) -> tuple[Kernel, Path, Path, str | None, str, PendingDigest | None, tuple[str, str]]:
-    """Returns kernel, its files, fstab before/after, the rootfs sha256 if it is hashed on the way,
-    and the sha256 of the kernel and the initrd."""
-    root = layout.root
-    assert root is not None
+    layout: Layout, work: Work, edits: Edits, kernel_version: str | None, materialized: dict[str, Path]
+) -> tuple[BootFiles, RootOutput]:
+    """The native backend: the kernel and initrd are copied out (and hashed) on a thread while the
+    root volume is copied and changed on this one, itself hashed on a third as it is written."""
     # Pick the kernel before the long copy, so a disk without one fails fast.
     kernel = choose_kernel(layout.kernels, kernel_version)
     assert kernel is not None and kernel.initrd_real is not None
-    # Kernels are read from the source (unchanged), with the readers inspection already used.
-    root_src = reader_for(layout, root, None)
-    boot_src = reader_for(layout, layout.boot, None) if layout.boot else None
-    extracted = root.name in materialized
-    if extracted:
-        os.replace(materialized.pop(root.name), rootfs)
-        root_src = ExtFs(rootfs, name=f"root filesystem ({root.name})")
-    if layout.boot is not None and boot_src is None and layout.boot.name in materialized:
-        boot_src = ExtFs(materialized[layout.boot.name], name=layout.boot.name)
-    assert root_src is not None
-    kpath = tmp / f"vmlinuz-{kernel.version}"
-    ipath = tmp / f"initrd.img-{kernel.version}"
-    tree = guest_tree(root_src, boot_src)
-    by_fs: dict[int, tuple[ExtFs, list[tuple[str, Path]]]] = {}
-    for guest, host in ((kernel.real, kpath), (kernel.initrd_real, ipath)):
-        fs, rel, _ = tree.fs_of(guest)
-        assert isinstance(fs, ExtFs)
-        by_fs.setdefault(id(fs), (fs, []))[1].append((rel, host))
-    # The kernel and initrd are copied out on a thread while the root volume is copied.
-    dump_errors: list[BaseException] = []
+    guest = _locate(layout, work, materialized)
+    boot = BootFiles(kernel, work.tmp / f"vmlinuz-{kernel.version}", work.tmp / f"initrd.img-{kernel.version}")
     boot_sha: list[str] = []
+    dump_errors: list[BaseException] = []
 
-    def dump() -> None:
+    def copy_boot() -> None:
         try:
-            for fs, files_out in by_fs.values():
-                fs.dump(files_out)
-            for host in (kpath, ipath):
-                os.chmod(host, 0o644)
-                boot_sha.append(sha256_file(host, sparse=False))
+            boot_sha.extend(_copy_boot_files(guest, boot))
         except BaseException as e:  # re-raised below, in the main thread
             dump_errors.append(e)
 
-    dumper = threading.Thread(target=dump, name="vmtool-kernel-copy", daemon=True)
+    dumper = threading.Thread(target=copy_boot, name="vmtool-kernel-copy", daemon=True)
     dumper.start()
     try:
-        result = _root_volume(layout, raw, rootfs, tmp, label, keys, extra, root_src, extracted)
+        out = _root_volume(layout, work, edits, guest)
     finally:
         dumper.join()
     if dump_errors:
-        if result[2] is not None:
-            result[2].cancel()
+        if out.digest is not None:
+            out.digest.cancel()
         if isinstance(dump_errors[0], OSError):
             raise os_error(dump_errors[0], "copying the kernel") from None
         raise dump_errors[0]
-    before, after, digest = result
-    return kernel, kpath, ipath, before, after, digest, (boot_sha[0], boot_sha[1])
+    return replace(boot, sha256=(boot_sha[0], boot_sha[1])), out
 
 
-def _root_volume(
-    layout: Layout,
-    raw: Path,
-    rootfs: Path,
-    tmp: Path,
-    label: str,
-    keys: bytes,
-    extra: dict[str, tuple[bytes, int]],
-    root_src: ExtFs,
-    extracted: bool,
-) -> tuple[str | None, str, PendingDigest | None]:
-    """Copy and change the root filesystem; returns fstab before/after and the sha256 if hashed on the way."""
+def _locate(layout: Layout, work: Work, materialized: dict[str, Path]) -> GuestFilesystems:
+    """The root and /boot filesystems, with the readers inspection already used. A root volume that
+    was copied out to be inspected becomes the output rootfs itself (taken out of `materialized`)."""
     root = layout.root
     assert root is not None
-    before = layout.fstab if layout.fstab_read else read_fstab(guest_tree(root_src, None))
-    after = fstabmod.rewrite(before, label=label, fstype=root.fstype)
-    files: dict[str, tuple[bytes, int]] = {"/etc/fstab": (after.encode(), 0o644)}
-    if keys:
-        files[AUTHORIZED_KEYS] = (_existing_keys(root_src) + keys, 0o600)
-    files.update(extra)
-    if not extracted:
-        digest = _overlay_build(raw, root, rootfs, tmp, files, label)
-        if digest is not None:
-            return before, after, digest
-        extract(raw, root.pieces, rootfs, label=f"extracting {root.name}")
-    ExtFs(rootfs, name=f"root filesystem ({root.name})").write_files(
-        files, workdir=rootfs.parent, label=label
+    root_fs = reader_for(layout, root, None)
+    boot_fs = reader_for(layout, layout.boot, None) if layout.boot else None
+    copied = root.name in materialized
+    if copied:
+        os.replace(materialized.pop(root.name), work.rootfs)
+        root_fs = ExtFs(work.rootfs, name=f"root filesystem ({root.name})")
+    if layout.boot is not None and boot_fs is None and layout.boot.name in materialized:
+        boot_fs = ExtFs(materialized[layout.boot.name], name=layout.boot.name)
+    assert root_fs is not None
+    return GuestFilesystems(root_fs, boot_fs, copied)
+
+
+def _copy_boot_files(guest: GuestFilesystems, boot: BootFiles) -> tuple[str, str]:
+    """Copy the kernel and initrd out of the (unchanged) guest filesystems; returns their sha256."""
+    kernel = boot.kernel
+    assert kernel.initrd_real is not None
+    tree = guest_tree(guest.root, guest.boot)
+    by_fs: dict[int, tuple[ExtFs, list[tuple[str, Path]]]] = {}
+    for gpath, host in ((kernel.real, boot.kernel_path), (kernel.initrd_real, boot.initrd_path)):
+        fs, rel, _ = tree.fs_of(gpath)
+        assert isinstance(fs, ExtFs)
+        by_fs.setdefault(id(fs), (fs, []))[1].append((rel, host))
+    for fs, files_out in by_fs.values():
+        fs.dump(files_out)
+    for host in (boot.kernel_path, boot.initrd_path):
+        os.chmod(host, 0o644)
+    return (
+        sha256_file(boot.kernel_path, sparse=False),
+        sha256_file(boot.initrd_path, sparse=False),
     )
-    return before, after, None
+
+
+def _root_volume(layout: Layout, work: Work, edits: Edits, guest: GuestFilesystems) -> RootOutput:
+    """Copy and change the root filesystem; its sha256 comes back pending if it was hashed on the way."""
+    root = layout.root
+    assert root is not None
+    before = layout.fstab if layout.fstab_read else read_fstab(guest_tree(guest.root, None))
+    after = fstabmod.rewrite(before, label=edits.label, fstype=root.fstype)
+    files: dict[str, tuple[bytes, int]] = {"/etc/fstab": (after.encode(), 0o644)}
+    if edits.ssh_keys:
+        files[AUTHORIZED_KEYS] = (_existing_keys(guest.root) + edits.ssh_keys, 0o600)
+    files.update(edits.files)
+    rootfs = work.rootfs
+    if not guest.root_copied:
+        digest = _overlay_build(work.raw, root, rootfs, work.tmp, files, edits.label)
+        if digest is not None:
+            return RootOutput(before, after, digest)
+        extract(work.raw, root.pieces, rootfs, label=f"extracting {root.name}")
+    ExtFs(rootfs, name=f"root filesystem ({root.name})").write_files(
+        files, workdir=rootfs.parent, label=edits.label
+    )
+    return RootOutput(before, after)
 
 
 def _overlay_build(

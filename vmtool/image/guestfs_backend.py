@@ -176,22 +176,6 @@ def _write(g: Any, files: dict[str, tuple[bytes, int]]) -> None:
         g.chown(0, 0, norm)
 
 
-def write_files(rootfs: Path, fstype: str, files: dict[str, tuple[bytes, int]]) -> None:
-    """Write files into a non-ext root filesystem image through one appliance."""
-    g = _handle()
-    try:
-        g.add_drive_opts(os.fspath(rootfs), format="raw", readonly=False)
-        _launch(g)
-        g.mount_options("nouuid" if fstype == "xfs" else "", "/dev/sda", "/")
-        _write(g, files)
-        g.umount_all()
-        g.shutdown()
-    except RuntimeError as e:
-        raise ImageError(f"libguestfs: {str(e).splitlines()[0]}") from None
-    finally:
-        g.close()
-
-
 def build(
     layout: Layout,
     rootfs: Path,

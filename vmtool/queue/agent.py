@@ -8,15 +8,24 @@ so the agent only has to return when the host says STOP. Other images need an in
 
 from __future__ import annotations
 
+from enum import StrEnum
 from importlib import resources
 
 from vmtool.errors import QueueError
 
 AGENT_VERSION = "1"
 
-# relay: items and results pass over virtio-serial, the guest has no network. direct: the guest agent
-# reserves from beanstalkd itself (the seed's way; unsafe unless the server is reached through a tunnel).
-MODES = ("relay", "direct")
+
+
+class AgentMode(StrEnum):
+    # Items and results pass over virtio-serial; the guest has no network.
+    RELAY = "relay"
+    # The guest agent reserves from beanstalkd itself (the seed's way; unsafe unless the server is
+    # reached through a tunnel).
+    DIRECT = "direct"
+
+
+MODES = tuple(m.value for m in AgentMode)
 
 AGENT_PATH = "/usr/lib/vmtool/agent.sh"
 ITEM_AWK_PATH = "/usr/lib/vmtool/agent-item.awk"
