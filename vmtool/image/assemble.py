@@ -16,7 +16,6 @@ build assembles to the same bytes (and `vmtool publish` finds it again by checks
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -27,9 +26,10 @@ from pathlib import Path
 
 from vmtool.errors import ImageError, VmtoolError
 from vmtool.fsutil import os_error
+from vmtool.image import formats
 from vmtool.log import step
 from vmtool.manifest import DiskInfo, ImageFormat, Manifest
-from vmtool.run import QEMU_IMG_LIMITS, run
+from vmtool.run import run
 
 STUB_DIRS = (Path("/usr/lib/systemd/boot/efi"), Path("/usr/lib/systemd/efi"))
 STUB_NAME = "linuxx64.efi.stub"
@@ -44,6 +44,7 @@ ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
 # 2000-01-01T00:00:00Z: a fixed time for FAT entries, so the image is reproducible.
 FIXED_MTIME = 946684800
 FORMATS = tuple(f.value for f in ImageFormat)
+ROOTFS_POLICY = formats.Policy()  # the rootfs stands alone; raw or qcow2 as its manifest says
 COPY_CHUNK = 4 * MIB
 
 
@@ -203,22 +204,6 @@ def sparse_copy(src: Path, dst_fd: int, offset: int) -> None:
             pos = hole
 
 
-def _image_info(path: Path, fmt: str) -> dict[str, object]:
-    """qemu-img info with the format forced (no probing) and nova's resource limits: images are hostile."""
-    proc = run(
-        ["qemu-img", "info", "--output=json", "-f", fmt, os.fspath(path)],
-        limits=QEMU_IMG_LIMITS,
-        hint="the build's root filesystem image is unreadable; rebuild it with 'vmtool build'",
-    )
-    try:
-        info = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        raise ImageError(f"qemu-img info gave no JSON for {path}") from None
-    if not isinstance(info, dict):
-        raise ImageError(f"qemu-img info gave no JSON object for {path}")
-    return info
-
-
 def _guid(seed: bytes, what: str) -> str:
     return str(
         uuid.uuid5(uuid.NAMESPACE_URL, f"vmtool-disk:{what}:{hashlib.sha256(seed).hexdigest()}")
@@ -264,10 +249,9 @@ def assemble_disk(m: Manifest, out: Path, fmt: str) -> DiskInfo:
             raise VmtoolError(f"the build's {what} {p} is missing", hint="rebuild it with 'vmtool build'")
     if m.rootfs.format not in FORMATS:
         raise ImageError(f"the build's root filesystem has an unsupported format {m.rootfs.format!r}")
-    info = _image_info(rootfs, m.rootfs.format)
-    root_bytes = int(str(info.get("virtual-size", 0)))
-    if root_bytes <= 0:
-        raise ImageError(f"{rootfs} has no size", hint="rebuild it with 'vmtool build'")
+    # The build's own output, but read as hostile as any image: its header first, then qemu-img under limits.
+    what = f"the build's root filesystem {rootfs}"
+    root_bytes = formats.check(rootfs, m.rootfs.format, ROOTFS_POLICY, what=what).virtual_size
     stub = find_stub()
     seed = f"{m.rootfs.sha256}:{m.kernel.sha256}:{m.initrd.sha256}:{root_cmdline(m)}".encode()
 

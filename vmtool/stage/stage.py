@@ -124,11 +124,9 @@ def stage(
 def _from_meta(cache: Cache, sha: str, fmt: str) -> int:
     vsize = int(cache.meta(sha).get("virtual_size") or 0)
     if vsize <= 0:  # meta lost: the base was verified when it entered the cache, read its size
-        from vmtool.stage.inspect import qemu_img_info
+        from vmtool.image.formats import qemu_img_info
 
-        vsize = int(
-            qemu_img_info(cache.base_path(sha, fmt), fmt, what="cached base").get("virtual-size") or 0
-        )
+        vsize = qemu_img_info(cache.base_path(sha, fmt), fmt, what="cached base").virtual_size
     return vsize
 
 
