@@ -17,9 +17,9 @@ from vmtool.errors import OutputExists, StageError, TransferFailed
 from vmtool.fsutil import atomic_path, os_error
 from vmtool.log import Progress
 from vmtool.run import run
+from vmtool.stage.bases import check_base
 from vmtool.stage.cache import Cache, key_hash
 from vmtool.stage.fetch import discard_part, fetch_to, identity, part_path
-from vmtool.stage.inspect import check_base
 from vmtool.stage.sources import Source
 
 
