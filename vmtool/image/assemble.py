@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmtool.errors import ImageError, VmtoolError
-from vmtool.fsutil import os_error
+from vmtool.fsutil import os_error, sha256_file
 from vmtool.image import formats
 from vmtool.log import step
 from vmtool.manifest import DiskInfo, ImageFormat, Manifest
@@ -209,13 +209,6 @@ def _guid(seed: bytes, what: str) -> str:
         uuid.uuid5(uuid.NAMESPACE_URL, f"vmtool-disk:{what}:{hashlib.sha256(seed).hexdigest()}")
     ).upper()
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(COPY_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def root_cmdline(m: Manifest) -> str:

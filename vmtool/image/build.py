@@ -18,7 +18,7 @@ from typing import Any
 
 from vmtool import __version__
 from vmtool.errors import CommandError, ImageError, VmtoolError
-from vmtool.fsutil import atomic_dir, os_error
+from vmtool.fsutil import atomic_dir, os_error, sha256_file
 from vmtool.image import fstab as fstabmod
 from vmtool.image.extfs import ExtFs
 from vmtool.image.extract import (
@@ -42,7 +42,7 @@ from vmtool.image.inspect import (
     reader_for,
 )
 from vmtool.image.options import DEFAULT_LABEL, Backend, BuildOptions, check_label
-from vmtool.image.source import BackgroundHash, Source, open_source, raw_view, sha256_file
+from vmtool.image.source import BackgroundHash, Source, open_source, raw_view
 from vmtool.manifest import BootFile, DiskInfo, ImageFormat, Manifest, RootfsInfo, SourceInfo
 from vmtool.queue.agent import AgentMode
 from vmtool.run import run

@@ -8,7 +8,6 @@ beside the output, so every parser works on plain byte offsets.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import threading
 from collections.abc import Iterator
@@ -16,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmtool.errors import CommandError, ImageError
-from vmtool.fsutil import os_error
+from vmtool.fsutil import Cancelled, os_error, sha256_file
 from vmtool.image import formats
 from vmtool.run import run
 
-ZERO = bytes(1 << 20)
 # A build reads a disk without a recognisable first sector as raw (its own parsers then explain what
 # they find); the image must stand alone and its qcow2 metadata must be whole.
 SOURCE_POLICY = formats.Policy(qemu_check=True)
@@ -68,48 +66,6 @@ def raw_view(src: Source, workdir: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-class Cancelled(Exception):
-    pass
-
-
-def sha256_file(path: Path, *, sparse: bool = True, stop: threading.Event | None = None) -> str:
-    """sha256 of a file's bytes; holes are hashed from a zero buffer without reading them."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        fd = f.fileno()
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            if sparse:
-                try:
-                    data = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError:
-                    data = size
-                _hash_zeros(h, data - pos)
-                if data >= size:
-                    break
-                hole = os.lseek(fd, data, os.SEEK_HOLE)
-            else:
-                data, hole = pos, size
-            f.seek(data)
-            left = hole - data
-            while left > 0:
-                if stop is not None and stop.is_set():
-                    raise Cancelled()
-                buf = f.read(min(left, 8 << 20))
-                if not buf:
-                    raise ImageError(f"{path}: file shrank while it was read")
-                h.update(buf)
-                left -= len(buf)
-            pos = hole
-    return h.hexdigest()
-
-
-def _hash_zeros(h: hashlib._Hash, n: int) -> None:
-    while n > 0:
-        k = min(n, len(ZERO))
-        h.update(ZERO[:k] if k < len(ZERO) else ZERO)
-        n -= k
 
 
 def _cache_dir() -> Path:
