@@ -49,7 +49,7 @@ COPY_CHUNK = 4 * MIB
 
 
 @dataclass(frozen=True)
-class Layout:
+class PartitionPlan:
     """Sector numbers of the two partitions and the disk's total size."""
 
     esp_start: int
@@ -67,14 +67,14 @@ def _align_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
-def plan_layout(esp_bytes: int, root_bytes: int) -> Layout:
+def plan_layout(esp_bytes: int, root_bytes: int) -> PartitionPlan:
     """1 MiB-aligned partitions, with room for the backup GPT (33 sectors) at the end."""
     esp_start = ALIGN_SECTORS
     esp_sectors = _align_up(esp_bytes, MIB) // SECTOR
     root_start = _align_up(esp_start + esp_sectors, ALIGN_SECTORS)
     root_sectors = _align_up(root_bytes, MIB) // SECTOR
     total = root_start + root_sectors + ALIGN_SECTORS
-    return Layout(esp_start, esp_sectors, root_start, root_sectors, total)
+    return PartitionPlan(esp_start, esp_sectors, root_start, root_sectors, total)
 
 
 def esp_size_for(payload_bytes: int) -> int:
