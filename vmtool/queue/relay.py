@@ -101,6 +101,19 @@ class Relay:
             raise RelayError(f"{self.name}: relay connection lost while sending: {e}") from None
         self._last_send = time.monotonic()
 
+    def _recv(self, n: int) -> bytes | None:
+        """Up to n bytes from the guest; None when the socket's timeout passed (the caller ticks and
+        reads again)."""
+        try:
+            chunk = self.sock.recv(n)
+        except TimeoutError:
+            return None
+        except OSError as e:
+            raise RelayError(f"{self.name}: relay connection lost: {e}") from None
+        if not chunk:
+            raise RelayError(f"{self.name}: the guest went away (relay closed)")
+        return chunk
+
     def _readline(self, deadline: float, tick: Callable[[], None] | None) -> str:
         while True:
             nl = self._buf.find(b"\n")
@@ -118,14 +131,9 @@ class Relay:
                 )
             if tick is not None:
                 tick()
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
+            chunk = self._recv(65536)
+            if chunk is None:
                 continue
-            except OSError as e:
-                raise RelayError(f"{self.name}: relay connection lost: {e}") from None
-            if not chunk:
-                raise RelayError(f"{self.name}: the guest went away (relay closed)")
             self._buf += chunk
 
     def wait_hello(self, *, timeout: float = 300.0, alive: Callable[[], bool] | None = None) -> str:
@@ -186,14 +194,9 @@ class Relay:
             if tick is not None and time.monotonic() - last_tick >= 1.0:
                 last_tick = time.monotonic()
                 tick()
-            try:
-                chunk = self.sock.recv(min(left, RAW_CHUNK))
-            except TimeoutError:
+            chunk = self._recv(min(left, RAW_CHUNK))
+            if chunk is None:
                 continue
-            except OSError as e:
-                raise RelayError(f"{self.name}: relay connection lost: {e}") from None
-            if not chunk:
-                raise RelayError(f"{self.name}: the guest went away (relay closed)")
             h.update(chunk)
             if out is not None:
                 out.write(chunk)
