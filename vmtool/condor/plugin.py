@@ -407,6 +407,12 @@ def run_multi(infile: str, outfile: str, upload: bool) -> int:
             if state.stopped is not None:
                 break
             start = time.time()
+            if time.monotonic() >= deadline:
+                # the limit passed during an earlier file: a later one already in the cache would move
+                # no data and so never meet the per-chunk check, yet it is just as late
+                state.results[i] = failure_ad(url, local, upload, start, PluginTimeout(
+                    f"the plugin's time limit ({limit:.0f} s) passed before this file's turn"))
+                continue
             try:
                 state.results[i] = transfer(url, local, upload, sandbox, deadline)
             except BaseException as e:  # noqa: B036 - every failure, even a bug, becomes a failure ad
