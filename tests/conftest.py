@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -47,7 +48,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         reasons[tier] = f"host lacks {', '.join(miss)} (run 'make deps' as root)" if miss else None
     if reasons.get("vm") is None and not any(n.startswith("vmlinuz-") for n in os.listdir("/boot")):
         reasons["vm"] = "no kernel in /boot (install linux-image-amd64)"
+    tiers = set(config.getini("markers") and [m.split(":")[0] for m in config.getini("markers")])
     for item in items:
+        # the folder is the tier (tests/<tier>/test_*.py): `-m vm` selects tests/vm/ whatever a file marks
+        folder = Path(str(item.fspath)).parent.name
+        if folder in tiers and not item.get_closest_marker(folder):
+            item.add_marker(getattr(pytest.mark, folder))
         for tier, reason in reasons.items():
             if reason and item.get_closest_marker(tier):
                 item.add_marker(pytest.mark.skip(reason=f"{tier} tier: {reason}"))

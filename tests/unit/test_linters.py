@@ -50,3 +50,23 @@ def test_library_never_prints_or_exits() -> None:
             if s.startswith("print(") or "sys.exit(" in s:
                 offenders.append(f"{rel}:{n}: {s}")
     assert offenders == []
+
+
+# Tiers from lightest to heaviest: a test file lives in the folder of the heaviest tier it is marked with.
+TIERS = ("unit", "integration", "queue", "cloud", "libvirt", "vm", "condor")
+
+
+def test_test_folders_are_the_pytest_tiers() -> None:
+    import re
+    import tomllib
+
+    declared = {m.split(":")[0] for m in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]}
+    assert declared == set(TIERS)
+    misplaced = []
+    for f in sorted((ROOT / "tests").glob("*/test_*.py")):
+        folder = f.parent.name
+        marks = set(re.findall(r"pytest\.mark\.(\w+)", f.read_text())) & set(TIERS)
+        heaviest = max(marks | {folder}, key=lambda t: TIERS.index(t) if t in TIERS else len(TIERS))
+        if folder not in TIERS or heaviest != folder:
+            misplaced.append(f"{f.relative_to(ROOT)}: marked {sorted(marks)}")
+    assert misplaced == [], "move each file to tests/<its heaviest tier>/"
