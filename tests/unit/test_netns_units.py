@@ -37,7 +37,7 @@ def test_allow_parse() -> None:
 
 def test_ruleset_counts_and_policy() -> None:
     lan = [ipaddress.IPv4Network("10.0.0.0/8")]
-    rs = netns._ruleset(3, netns.NetOptions(allow=(netns.Allow.parse("10.9.0.1:8080"),)), lan)
+    rs = netns._ruleset("vmt3-t", "vmt3-n", netns.NetOptions(allow=(netns.Allow.parse("10.9.0.1:8080"),)), lan)
     assert 'oifname "vmt3-n" ip daddr @lan counter name "tx_lan"' in rs
     assert 'iifname "vmt3-n" ip saddr @lan counter name "rx_lan"' in rs
     assert "ip daddr 10.9.0.1/32 meta l4proto { tcp, udp } th dport 8080 accept" in rs
@@ -45,7 +45,7 @@ def test_ruleset_counts_and_policy() -> None:
     # DNS is refused before any allow rule, and whatever is not allowed is dropped and counted
     assert egress.index("th dport 53") < egress.index("10.9.0.1")
     assert egress.rstrip().endswith('counter name "dropped" drop')
-    open_rs = netns._ruleset(3, netns.NetOptions(counters=False), lan)
+    open_rs = netns._ruleset("vmt3-t", "vmt3-n", netns.NetOptions(counters=False), lan)
     assert "count_in" not in open_rs and "rx_lan\" accept" not in open_rs
     assert open_rs.split("chain egress {")[1].split("}\n")[0].rstrip().endswith("accept")
     if os.geteuid() == 0 and (Path("/usr/sbin/nft").exists()):
