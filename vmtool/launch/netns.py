@@ -18,23 +18,24 @@ in the host's network namespace). The layout, for VM slot N (a /30 out of 100.64
   (a tap created just before a SIGKILL, before it was moved): `sweep()` removes them.
 
 Without root (`UserVMNetwork`), the same namespace and table live in a user namespace of the job's
-user, and Debian's `pasta` (package passt) is the border instead of the veth:
+user, and `slirp4netns` is the border instead of the veth:
 
-    guest eth0 --tap vmt0-t-- [user+net namespace: nftables, dnsmasq] --tap vmt0-u (pasta)-- host sockets
+    guest eth0 --tap vmt0-t-- [user+net namespace: nftables, dnsmasq] --tap vmt0-u (slirp4netns)-- host sockets
 
 - The holder is `unshare --user --map-root-user --net`; vmtool runs `ip`, `nft` and dnsmasq in it with
   `nsenter --preserve-credentials` (the user is root there, so they keep their capabilities).
-- pasta attaches to the namespace, copies the host's address and default route onto vmt0-u and turns
+- slirp4netns attaches to the namespace (vmt0-u, 100.64.255.100/24, default route via .2) and turns
   the namespace's packets into ordinary sockets of the job's user on the host (no port forwarding in,
-  no mapping of the gateway to the host's loopback, IPv4 only).
+  no way to the host's loopback, no DNS of its own, IPv4 only). Debian 12's pasta (passt 2023-03)
+  was tried first and dropped: with a TCG guest its TCP connections stalled for good mid-download.
 - The tap is created inside the namespace, owned by the user; qemu can only open it from there, so the
   job's private session libvirtd (one per VM in this mode) runs in the namespace too, in a nested user
   namespace that maps the user back to its own uid (`daemon_wrap()`): libvirt sees an ordinary user.
-- When vmtool ends or dies, the holder kills dnsmasq and pasta; libvirt destroys the VM (its domain is
+- When vmtool ends or dies, the holder kills dnsmasq and slirp4netns; libvirt destroys the VM (its domain is
   AUTODESTROY) and the session daemon exits by its idle timeout: then the kernel deletes the namespace
   with the taps and the table. Nothing of it is ever visible in the host's namespace.
 
-Accounting lives in the namespace's table, at its border (the veth, or pasta's tap): bytes out by destination and
+Accounting lives in the namespace's table, at its border (the veth, or slirp4netns's tap): bytes out by destination and
 bytes in by source, split by the LAN prefix set; the IP length of each packet is counted (no Ethernet
 header). Guest packets the egress policy refuses, and unsolicited packets towards the guest, are
 counted as dropped.
@@ -209,7 +210,7 @@ def leftovers() -> list[str]:
 
 
 def _ruleset(tap: str, ns_if: str, opts: NetOptions, lan: list[ipaddress.IPv4Network]) -> str:
-    """The namespace's table: `tap` faces the guest, `ns_if` is the border (the veth, or pasta's tap)."""
+    """The namespace's table: `tap` faces the guest, `ns_if` is the border (the veth, or slirp4netns's tap)."""
     lan_set = ", ".join(str(p) for p in lan) if lan else "0.0.0.0/32"
     lines = [
         "table inet vmtool {",
@@ -459,10 +460,12 @@ class VMNetwork:
 
 
 UPLINK = "vmt0-u"
+BORDER_NET = "100.64.255.0/24"  # slirp4netns's side: the namespace is .100, its gateway .2
+BORDER_MTU = 65520  # large frames: fewer packets through slirp, and headers stay < 2% of the bytes
 
 
 class UserVMNetwork(VMNetwork):
-    """`--network nat` without root: a user+network namespace of the job's user, pasta as the border."""
+    """`--network nat` without root: a user+network namespace of the job's user, slirp4netns as the border."""
 
     def __init__(self, opts: NetOptions, tmp: Path) -> None:
         super().__init__(0, None, opts)  # type: ignore[arg-type]
@@ -470,7 +473,7 @@ class UserVMNetwork(VMNetwork):
         self.ns_if = UPLINK
         self.host_if = ""
         self._tmp = tmp
-        self._pasta: Popen[bytes] | None = None
+        self._border: Popen[bytes] | None = None
 
     @property
     def pid_file(self) -> Path:
@@ -494,19 +497,22 @@ class UserVMNetwork(VMNetwork):
         self._ns(["ip", "tuntap", "add", "mode", "tap", "name", self.tap, "user", "0", "group", "0"])
         self._tap_up()
         self._ns(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
-        self._pasta = spawn(_pdeath([
-            find_tool("pasta"), "--foreground", "--quiet", "--ipv4-only", "--no-map-gw",
-            "--tcp-ports", "none", "--udp-ports", "none", "--tcp-ns", "none", "--udp-ns", "none",
-            "--config-net", "--ns-ifname", UPLINK, str(self.pid)]), stdin=DEVNULL, stderr=PIPE)
-        self._tell_holder(self._pasta.pid)
+        # slirp4netns: qemu's user-mode stack (libslirp) in a process of the user, with the namespace's
+        # end as a tap; its own /24 must not be the guest's 10.0.2.0/24.
+        self._border = spawn(_pdeath([
+            find_tool("slirp4netns"), "--configure", "--disable-host-loopback", "--disable-dns",
+            f"--mtu={BORDER_MTU}", f"--cidr={BORDER_NET}", f"--userns-path=/proc/{self.pid}/ns/user",
+            str(self.pid), UPLINK]), stdin=DEVNULL, stdout=DEVNULL, stderr=PIPE)
+        self._tell_holder(self._border.pid)
         end = time.monotonic() + 10
         while b"default" not in self._ns(["ip", "-4", "route", "show", "default"], check=False).stdout:
-            if self._pasta.poll() is not None or time.monotonic() > end:
+            if self._border.poll() is not None or time.monotonic() > end:
                 err = b""
-                if self._pasta.poll() is not None and self._pasta.stderr is not None:
-                    err = self._pasta.stderr.read()
-                raise NetworkError(f"pasta did not connect the VM's namespace: {err.decode(errors='replace').strip()}",
-                                   hint="pasta needs a default route on the host")
+                if self._border.poll() is not None and self._border.stderr is not None:
+                    err = self._border.stderr.read()
+                raise NetworkError("slirp4netns did not connect the VM's namespace: "
+                                   f"{err.decode(errors='replace').strip()}",
+                                   hint="check that slirp4netns (Debian package slirp4netns) runs for this user")
             time.sleep(0.05)
         try:
             self._ns(["nft", "-f", "-"], input=_ruleset(self.tap, self.ns_if, self.opts, self.lan).encode())
@@ -521,7 +527,7 @@ class UserVMNetwork(VMNetwork):
         self.attached = True
 
     def _helpers(self) -> list[Popen[bytes] | None]:
-        return [self._dnsmasq, self._pasta]
+        return [self._dnsmasq, self._border]
 
     def _remove_host_side(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
@@ -574,7 +580,7 @@ def setup(opts: NetOptions, *, uid: int | None = None, gid: int | None = None) -
 
 
 def _setup_user(opts: NetOptions) -> UserVMNetwork:
-    for tool in ("nft", "unshare", "nsenter", "setpriv", "ip", "pasta") + (("dnsmasq",) if opts.dhcp else ()):
+    for tool in ("nft", "unshare", "nsenter", "setpriv", "ip", "slirp4netns") + (("dnsmasq",) if opts.dhcp else ()):
         find_tool(tool)
     import tempfile
 
