@@ -182,9 +182,11 @@ def bench_network(work: Path, mib: int) -> int:
         # user-mode networking has no DHCP of vmtool's but the same addresses: udhcpc gets them from slirp
         manifest, img = make_guest(work, "netbench", {"10-net": NET_UP, "20-get": "#!/bin/sh\n" + get})
         nat, bare, user = [], [], []
-        for _ in range(NET_RUNS):
-            nat.append(time_download(manifest, img, work, "nat", True, mib))
-            bare.append(time_download(manifest, img, work, "nat", False, mib))
+        for i in range(NET_RUNS):
+            # the order alternates, so a machine that gets busier or quieter during the run favours neither
+            pair = [(nat, True), (bare, False)]
+            for out, counters in pair if i % 2 == 0 else pair[::-1]:
+                out.append(time_download(manifest, img, work, "nat", counters, mib))
             user.append(time_download(manifest, img, work, "user", True, mib))
         n, b, u = statistics.median(nat), statistics.median(bare), statistics.median(user)
         print(f"network: nat {n:.1f} MiB/s / user-mode {u:.1f} MiB/s = {n / u:.2f} "
