@@ -93,7 +93,7 @@ def test_v2_real_tree() -> None:
         (parent / "cgroup.subtree_control").write_text("+memory")
         rel = "/" + parent.name
         cg = cgroups.create("vm", memory_bytes=128 << 20, cpus=1, root=root, parent=rel,
-                            layout=cgroups.Layout(2, {"unified": parent}, root))
+                            layout=cgroups.CgroupLayout(2, {"unified": parent}, root))
         proc = spawn([sys.executable, "-c", THREADS], stdout=PIPE)
         try:
             assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"

@@ -50,10 +50,6 @@ def _overlay(slot: JobSlot, base: Path) -> Path:
     return ovl
 
 
-def _session_dirs(uid: int) -> list[Path]:
-    return [p for p in Path("/tmp").glob("vmtool-session-*") if p.lstat().st_uid == uid]
-
-
 def _qemu_of(slot: JobSlot, timeout: float = 120.0) -> int:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -69,7 +65,7 @@ def _nothing_left(slot: JobSlot) -> None:
     while slot.procs_of_user() and time.monotonic() < end:
         time.sleep(0.2)  # PID 1 reaps the daemonized qemu a little later
     assert slot.procs_of_user() == []
-    assert _session_dirs(slot.user.pw_uid) == []
+    assert slot.session_dirs() == []
     assert slot.children() == []
 
 
@@ -121,7 +117,7 @@ def test_c_sigterm_leaves_nothing(guests: dict[str, tuple[Path, Path]], job_slot
     proc = job_slot.vmtool("launch", "--manifest", str(manifest), "--disk", str(ovl), "--timeout", "300",
                            "--grace", "5", "--report", "vm-report.json")
     _qemu_of(job_slot)
-    assert _session_dirs(job_slot.user.pw_uid)
+    assert job_slot.session_dirs()
     proc.send_signal(signal.SIGTERM)  # sh exec'd setpriv, env and python: this pid is vmtool
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err.decode()

@@ -45,7 +45,7 @@ def _run(slot: JobSlot, *args: str, env: dict[str, str] | None = None) -> tuple[
 
 def _clean(slot: JobSlot) -> None:
     assert slot.procs_of_user() == []
-    assert [p for p in Path("/tmp").glob("vmtool-session-*") if p.lstat().st_uid == slot.user.pw_uid] == []
+    assert slot.session_dirs() == []
 
 
 def test_system_uri_without_the_libvirt_group(libvirt_uri: str, guest: tuple[Path, Path],

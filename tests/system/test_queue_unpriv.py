@@ -43,7 +43,7 @@ def test_queue_work_as_job_user(beanstalkd: BeanstalkServer, agent_build: Path, 
         while job_slot.procs_of_user() and time.monotonic() < end:
             time.sleep(0.2)
         assert job_slot.procs_of_user() == []
-        assert [p for p in Path("/tmp").glob("vmtool-session-*") if p.lstat().st_uid == job_slot.user.pw_uid] == []
+        assert job_slot.session_dirs() == []
         assert list(job_slot.sandbox.iterdir()) == []
     finally:
         run(["rm", "-rf", str(build)])

@@ -18,7 +18,7 @@ from typing import Any
 
 from vmtool import __version__
 from vmtool.errors import CommandError, ImageError, VmtoolError
-from vmtool.fsutil import atomic_dir, os_error
+from vmtool.fsutil import atomic_dir, os_error, sha256_file
 from vmtool.image import fstab as fstabmod
 from vmtool.image.extfs import ExtFs
 from vmtool.image.extract import (
@@ -42,7 +42,7 @@ from vmtool.image.inspect import (
     reader_for,
 )
 from vmtool.image.options import DEFAULT_LABEL, Backend, BuildOptions, check_label
-from vmtool.image.source import BackgroundHash, Source, open_source, raw_view, sha256_file
+from vmtool.image.source import BackgroundHash, Source, open_source, raw_view
 from vmtool.manifest import BootFile, DiskInfo, ImageFormat, Manifest, RootfsInfo, SourceInfo
 from vmtool.queue.agent import AgentMode
 from vmtool.run import run
@@ -83,7 +83,7 @@ class Work:
 
 
 @dataclass(frozen=True)
-class BootFiles:
+class CopiedBoot:
     """The kernel and initrd copied out of the guest."""
 
     kernel: Kernel
@@ -285,7 +285,7 @@ def _build_in(
         raise
 
 
-def _guestfs(layout: Layout, work: Work, edits: Edits, kernel_version: str | None) -> tuple[BootFiles, RootOutput]:
+def _guestfs(layout: Layout, work: Work, edits: Edits, kernel_version: str | None) -> tuple[CopiedBoot, RootOutput]:
     from vmtool.image import guestfs_backend  # lazy: needs the guestfs binding
 
     kernel, kpath, ipath, fstab_before, fstab_after = guestfs_backend.build(
@@ -297,7 +297,7 @@ def _guestfs(layout: Layout, work: Work, edits: Edits, kernel_version: str | Non
         files=dict(edits.files),
         kernel_version=kernel_version,
     )
-    return BootFiles(kernel, kpath, ipath), RootOutput(fstab_before, fstab_after)
+    return CopiedBoot(kernel, kpath, ipath), RootOutput(fstab_before, fstab_after)
 
 
 def _fsync(*paths: Path) -> None:
@@ -332,14 +332,14 @@ def _fs_identity(rootfs: Path) -> tuple[str, str]:
 
 def _native(
     layout: Layout, work: Work, edits: Edits, kernel_version: str | None, materialized: dict[str, Path]
-) -> tuple[BootFiles, RootOutput]:
+) -> tuple[CopiedBoot, RootOutput]:
     """The native backend: the kernel and initrd are copied out (and hashed) on a thread while the
     root volume is copied and changed on this one, itself hashed on a third as it is written."""
     # Pick the kernel before the long copy, so a disk without one fails fast.
     kernel = choose_kernel(layout.kernels, kernel_version)
     assert kernel is not None and kernel.initrd_real is not None
     guest = _locate(layout, work, materialized)
-    boot = BootFiles(kernel, work.tmp / f"vmlinuz-{kernel.version}", work.tmp / f"initrd.img-{kernel.version}")
+    boot = CopiedBoot(kernel, work.tmp / f"vmlinuz-{kernel.version}", work.tmp / f"initrd.img-{kernel.version}")
     boot_sha: list[str] = []
     dump_errors: list[BaseException] = []
 
@@ -381,7 +381,7 @@ def _locate(layout: Layout, work: Work, materialized: dict[str, Path]) -> GuestF
     return GuestFilesystems(root_fs, boot_fs, copied)
 
 
-def _copy_boot_files(guest: GuestFilesystems, boot: BootFiles) -> tuple[str, str]:
+def _copy_boot_files(guest: GuestFilesystems, boot: CopiedBoot) -> tuple[str, str]:
     """Copy the kernel and initrd out of the (unchanged) guest filesystems; returns their sha256."""
     kernel = boot.kernel
     assert kernel.initrd_real is not None

@@ -41,7 +41,7 @@ V2_REQUIRED = ("memory",)
 
 
 @dataclass(frozen=True)
-class Layout:
+class CgroupLayout:
     """Where the slot's cgroup is. version 1: controller -> directory; version 2: 'unified' -> directory."""
 
     version: int
@@ -99,7 +99,7 @@ def _v1_dir(root: Path, ctrl: str, proc_text: str) -> Path | None:
 
 def detect(
     *, root: Path = ROOT, proc: Path = PROC, pid: int | str = "self", parent: str | None = None
-) -> Layout:
+) -> CgroupLayout:
     """The slot's cgroup for this process (or `parent`, a path relative to each hierarchy's root)."""
     try:
         text = (proc / str(pid) / "cgroup").read_text()
@@ -111,7 +111,7 @@ def detect(
         p = root / path.lstrip("/")
         if parent is None and p.name.endswith(".scope"):
             p = p.parent  # HTCondor's job is in <slot>.slice/<slot>.scope; the .slice is delegated
-        return Layout(2, {"unified": p}, root)
+        return CgroupLayout(2, {"unified": p}, root)
     slot: dict[str, Path] = {}
     for c in V1_CONTROLLERS:
         if c not in v1:
@@ -125,14 +125,14 @@ def detect(
     if missing:
         raise CgroupError(f"no cgroup v1 hierarchy for {', '.join(missing)} under {root} and no cgroup v2 tree",
                           hint="mount the cgroup controllers, or run with --no-cgroup")
-    return Layout(1, slot, root)
+    return CgroupLayout(1, slot, root)
 
 
 @dataclass
 class VMCgroup:
     """The VM's own group: one directory per v1 hierarchy, or one in the v2 tree."""
 
-    layout: Layout
+    layout: CgroupLayout
     name: str
     dirs: dict[str, Path] = field(default_factory=dict)
     pids: list[int] = field(default_factory=list)
@@ -329,7 +329,7 @@ def _v2_enable(slot: Path) -> None:
                                        "or run with --no-cgroup") from None
 
 
-def create(name: str, *, memory_bytes: int, cpus: int, layout: Layout | None = None,
+def create(name: str, *, memory_bytes: int, cpus: int, layout: CgroupLayout | None = None,
            root: Path = ROOT, proc: Path = PROC, parent: str | None = None) -> VMCgroup:
     """Create `<slot>/<name>` with limits; on any failure nothing is left behind."""
     if not name or "/" in name or name in (".", ".."):
@@ -426,7 +426,7 @@ def choose_mode(*, use_cgroup: bool, parent: str | None, root: Path = ROOT, proc
 class SlotCgroup:
     """The job's own cgroup, read only: its memory limit and how often the kernel OOM-killed in it."""
 
-    layout: Layout
+    layout: CgroupLayout
 
     @classmethod
     def of_self(cls, *, root: Path = ROOT, proc: Path = PROC) -> SlotCgroup | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -101,10 +102,37 @@ def probe_key(emulator: str) -> str:
     return f"kernel={os.uname().release};qemu={emulator}:{st.st_size}:{int(st.st_mtime)};kvm={kvm}"
 
 
-def _run_probe(emulator: str, kernel: Path, deadline: float) -> tuple[bool, str]:
-    argv = [emulator, "-accel", "kvm", "-cpu", "host", "-machine", "pc", "-m", "128", "-nodefaults",
-            "-display", "none", "-no-reboot", "-serial", "stdio", "-kernel", str(kernel),
-            "-append", "console=ttyS0 panic=-1 earlyprintk=serial"]
+# A boot sector that writes BOOT_SECTOR_MARK to COM1 and halts: the probe's guest where the node has no
+# kernel in /boot (a container), so that a KVM that cannot run guests is still told from one that can.
+#   xor ax,ax; mov ds,ax; mov dx,0x3f8; mov si,0x7c15; cld
+#   l: lodsb; test al,al; jz h; out dx,al; jmp l
+#   h: cli; hlt
+BOOT_SECTOR_MARK = b"VMTOOL-KVM-OK"
+_BOOT_CODE = bytes.fromhex("31c08ed8baf803be157cfcac84c07403eeebf8faf4") + BOOT_SECTOR_MARK + b"\r\n\0"
+
+
+def boot_sector() -> bytes:
+    return _BOOT_CODE.ljust(510, b"\0") + b"\x55\xaa"
+
+
+def _run_probe(emulator: str, kernel: Path | None, deadline: float, *, accel: str = "kvm") -> tuple[bool, str]:
+    """Start a tiny guest under `accel` and watch its serial port: the host's kernel when there is one,
+    else a boot sector."""
+    argv = [emulator, "-accel", accel, "-cpu", "host" if accel == "kvm" else "qemu64", "-machine", "pc",
+            "-m", "128", "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio"]
+    mark = PROBE_MARK
+    if kernel is not None:
+        argv += ["-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 earlyprintk=serial"]
+        return _watch(argv, mark, deadline, accel)
+    mark = BOOT_SECTOR_MARK
+    with tempfile.TemporaryDirectory(prefix="vmtool-kvm-probe-") as d:
+        img = Path(d) / "boot.img"
+        img.write_bytes(boot_sector())
+        argv += ["-drive", f"file={img},format=raw,if=ide,snapshot=on"]
+        return _watch(argv, mark, deadline, accel)
+
+
+def _watch(argv: list[str], mark: bytes, deadline: float, accel: str) -> tuple[bool, str]:
     proc = spawn(argv, stdout=PIPE, stderr=PIPE, stdin=DEVNULL, new_session=True)
     out = bytearray()
     err = bytearray()
@@ -118,20 +146,20 @@ def _run_probe(emulator: str, kernel: Path, deadline: float) -> tuple[bool, str]
     for t in threads:
         t.start()
     end = time.monotonic() + deadline
-    while time.monotonic() < end and proc.poll() is None and PROBE_MARK not in out:
+    while time.monotonic() < end and proc.poll() is None and mark not in out:
         time.sleep(0.05)
-    booted = PROBE_MARK in out
+    booted = mark in out
     if proc.poll() is None:
         proc.kill()
     proc.wait()
     for t in threads:
         t.join(1)
     if booted:
-        return True, "a test guest booted with -accel kvm"
+        return True, f"a test guest booted with -accel {accel}"
     tail = err.decode(errors="replace").strip().splitlines()
     if proc.returncode not in (None, -9) and tail:
-        return False, f"qemu -accel kvm failed: {tail[-1]}"
-    return False, f"a test guest made no progress under -accel kvm within {deadline:.0f} s (hangs)"
+        return False, f"qemu -accel {accel} failed: {tail[-1]}"
+    return False, f"a test guest made no progress under -accel {accel} within {deadline:.0f} s (hangs)"
 
 
 def probe_kvm(emulator: str, *, refresh: bool = False, deadline: float = PROBE_DEADLINE) -> KvmProbe:
@@ -155,7 +183,10 @@ def probe_kvm(emulator: str, *, refresh: bool = False, deadline: float = PROBE_D
                 return KvmProbe(bool(data["usable"]), str(data["reason"]), key, cached=True)
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    kernel, _initrd, _ver = newest_host_kernel()
+    try:
+        kernel: Path | None = newest_host_kernel()[0]
+    except VmtoolError:
+        kernel = None  # no kernel on this node: the boot sector tells KVM's state as well
     usable, reason = _run_probe(emulator, kernel, deadline)
     result = KvmProbe(usable, reason, key)
     try:

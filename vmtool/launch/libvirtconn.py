@@ -100,7 +100,8 @@ class SessionDaemon:
                     "no libvirt daemon for qemu:///session is installed (neither libvirtd nor virtqemud)",
                     hint="install the Debian packages libvirt-daemon and libvirt-daemon-driver-qemu "
                          "on the execute node (vmtool starts the per-job session daemon itself)") from None
-        self.dir = Path(tempfile.mkdtemp(prefix="vmtool-session-", dir="/tmp"))
+        # named after this process, so that what a killed vmtool left can be told apart
+        self.dir = Path(tempfile.mkdtemp(prefix=f"vmtool-session-{os.getpid()}-", dir="/tmp"))
         self.socket = self.dir / "run" / "libvirt" / sock_name
         self.proc: Popen[bytes] | None = None
 

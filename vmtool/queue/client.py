@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,27 +94,34 @@ def collect_results(
     return c
 
 
-def buried_reasons(bs: Beanstalk, tube: str) -> list[dict[str, Any]]:
-    """The notes the worker left on `<tube>.buried-reasons` (read without consuming them)."""
-    notes: list[dict[str, Any]] = []
+def _peek(bs: Beanstalk, tube: str) -> Iterator[bytes]:
+    """The bodies of the ready jobs on `tube`, read without consuming them: each is reserved for the
+    read and released when the walk ends."""
     held: list[int] = []
-    watcher = Beanstalk(bs.address, watch=reasons_tube(tube), io_timeout=bs.io_timeout)
+    watcher = Beanstalk(bs.address, watch=tube, io_timeout=bs.io_timeout)
     try:
         while True:
             job = watcher.reserve(timeout=0)
             if job is None:
                 break
             held.append(job.id)
-            try:
-                d = json.loads(job.body)
-                if isinstance(d, dict):
-                    notes.append(d)
-            except ValueError:
-                notes.append({"reason": "(unreadable note)"})
+            yield job.body
     finally:
         for jid in held:
             watcher.release(jid)
         watcher.close()
+
+
+def buried_reasons(bs: Beanstalk, tube: str) -> list[dict[str, Any]]:
+    """The notes the worker left on `<tube>.buried-reasons` (read without consuming them)."""
+    notes: list[dict[str, Any]] = []
+    for body in _peek(bs, reasons_tube(tube)):
+        try:
+            d = json.loads(body)
+            if isinstance(d, dict):
+                notes.append(d)
+        except ValueError:
+            notes.append({"reason": "(unreadable note)"})
     return notes
 
 
@@ -139,4 +147,28 @@ def tube_stats(bs: Beanstalk, tube: str) -> dict[str, Any]:
             note["state"] = js.get("state")
             note["stats"] = {k: js.get(k) for k in ("reserves", "timeouts", "releases", "buries", "kicks")}
         buried.append(note)
-    return {"tube": tube, "tubes": out, "buried": buried}
+    return {"tube": tube, "tubes": out, "buried": buried, "transfer": transfer_totals(bs, tube)}
+
+
+def transfer_totals(bs: Beanstalk, tube: str) -> dict[str, Any]:
+    """Bytes in, bytes out and transfer seconds summed over the results waiting on `<tube>.results`.
+
+    Results are reserved only for the read and released at once (none is consumed); results already
+    collected by `vmtool queue results` carry their own numbers.
+    """
+    tot: dict[str, Any] = {"results": 0, "bytes_in": 0, "bytes_out": 0, "transfer_s": 0.0}
+    for body in _peek(bs, results_tube(tube)):
+        try:
+            d = parse_result(body)
+        except QueueError:
+            continue
+        tot["results"] += 1
+        for k in ("bytes_in", "bytes_out"):
+            v = d.get(k)
+            if isinstance(v, int) and not isinstance(v, bool):
+                tot[k] += v
+        v = d.get("transfer_s")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            tot["transfer_s"] += float(v)
+    tot["transfer_s"] = round(tot["transfer_s"], 3)
+    return tot
