@@ -10,7 +10,7 @@ DEB_PACKAGES=(
     libguestfs-tools python3-guestfs
     linux-image-amd64 busybox-static
     beanstalkd squid
-    nftables dnsmasq-base
+    nftables dnsmasq-base slirp4netns
     e2fsprogs xfsprogs fdisk gdisk lvm2 dosfstools mtools
     ovmf systemd-boot-efi binutils
     openssh-server openssh-client openssl tar gzip curl

@@ -25,10 +25,11 @@ import pytest
 
 from tests.fixtures.libvirtd import make_guest, overlay
 from tests.fixtures.netlab import PORT, NetLab, Server, netlab  # noqa: F401 - fixture
+from tests.fixtures.slotuser import JobSlot, shared_dir, world_readable
 from vmtool import manifest as mf
 from vmtool.domain.policy import BootFiles, RenderOptions
 from vmtool.launch import ExitReason, LaunchSpec, launch, netns
-from vmtool.run import DEVNULL, PIPE, Popen, spawn
+from vmtool.run import DEVNULL, PIPE, Popen, run, spawn
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.vm]
 
@@ -154,3 +155,46 @@ def test_c_sigkill_leaves_nothing(libvirt_uri: str, netlab: NetLab, tmp_path: Pa
     proc.kill()
     proc.communicate(timeout=30)
     _nothing_left()
+
+
+def test_d_job_user_in_a_slot(netlab: NetLab, job_slot: JobSlot) -> None:  # noqa: F811
+    """Without root (qemu:///session, a user namespace and pasta): the same accounting and policy."""
+    lan_ok = _fetch(netlab.lan, N, "lan") + _fetch(netlab.wan, N, "wan")
+    body = (lan_ok
+            + f"printf 'x' | nc -w 5 {netlab.lan.addr} 8081 || echo 'vmtool-test: 8081 refused'\n"
+            + f"nslookup vmtool.test {netlab.wan.addr} >/dev/null 2>&1 || echo 'vmtool-test: dns failed'\n"
+            + "echo 'vmtool-test: policy done'\n")
+    d = shared_dir("vmtool-net-guest-")
+    try:
+        manifest, img = _guest(d, "userfetch", body)
+        world_readable(d, *d.iterdir())
+        ovl = job_slot.sandbox / "root.qcow2"
+        p = job_slot.spawn(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(img), str(ovl)])
+        assert p.communicate(timeout=60)[0] is not None and p.returncode == 0
+        lan0, wan0 = netlab.lan.sent(), netlab.wan.sent()
+        proc = job_slot.vmtool("launch", "--manifest", str(manifest), "--disk", str(ovl), "--timeout", "400",
+                               "--memory", "512", "--network", "nat", "--lan-net", "10.201.0.0/16",
+                               "--allow-net", f"{netlab.lan.addr}/32:{PORT}", "--allow-net",
+                               f"{netlab.wan.addr}/32:{PORT}", "--report", "vm-report.json", "--json")
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err.decode()
+        data = json.loads(out)
+        console = Path(data["console_log"]).read_text(errors="replace")
+        assert data["exit_reason"] == "poweroff" and data["cgroup_mode"] == "inherited", data
+        assert "vmtool-test: lease 10.0.2.15 router 10.0.2.2 dns 10.0.2.3" in console, console[-2000:]
+        assert "vmtool-test: lan got body" in console and "vmtool-test: wan got body" in console, console[-2000:]
+        assert "vmtool-test: 8081 refused" in console and "vmtool-test: dns failed" in console
+        lan, wan = netlab.lan.sent() - lan0, netlab.wan.sent() - wan0
+        assert lan > N and wan > N
+        assert abs(data["net_rx_lan_bytes"] - lan) <= 0.02 * lan, (data, lan)
+        assert abs(data["net_rx_wan_bytes"] - wan) <= 0.02 * wan, (data, wan)
+        assert 0 < data["net_tx_lan_bytes"] < lan // 4 and 0 < data["net_tx_wan_bytes"] < wan // 4
+        assert data["net_dropped_packets"] >= 2  # the SYN to port 8081 (and retries) and the DNS query
+        end = time.monotonic() + 20
+        while job_slot.procs_of_user() and time.monotonic() < end:
+            time.sleep(0.2)
+        assert job_slot.procs_of_user() == []  # no pasta, dnsmasq, holder, daemon or qemu
+        assert [p for p in Path("/tmp").glob("vmtool-net-*") if p.lstat().st_uid == job_slot.user.pw_uid] == []
+        assert netns.leftovers() == []  # and nothing ever appeared in the host's namespace
+    finally:
+        run(["rm", "-rf", str(d)])

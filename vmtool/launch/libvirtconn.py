@@ -23,7 +23,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,8 @@ def _quiet(_ctx: Any, _err: Any) -> None:
 class SessionDaemon:
     """A libvirtd (or virtqemud) for qemu:///session, a child of this process in a private directory."""
 
-    def __init__(self) -> None:
+    def __init__(self, wrap: Sequence[str] = ()) -> None:
+        self.wrap = list(wrap)  # a prefix for the daemon's argv (--network nat without root: its namespace)
         try:
             self.program = find_tool("libvirtd")
             sock_name = "libvirt-sock"
@@ -137,7 +138,7 @@ class SessionDaemon:
         env = {"XDG_RUNTIME_DIR": str(d / "run"), "XDG_CONFIG_HOME": str(d / "config"),
                "XDG_CACHE_HOME": str(d / "cache"), "HOME": str(d)}
         with open(d / "daemon.log", "ab") as logf:
-            self.proc = spawn([self.program, f"--timeout={SESSION_IDLE_TIMEOUT}"], env=env, stdin=DEVNULL,
+            self.proc = spawn([*self.wrap, self.program, f"--timeout={SESSION_IDLE_TIMEOUT}"], env=env, stdin=DEVNULL,
                               stdout=logf, stderr=logf, new_session=True)
         end = time.monotonic() + SESSION_STARTUP_SECONDS
         while not self.socket.exists():
@@ -197,9 +198,14 @@ def _open(uri: str, target: str) -> Any:
         raise LaunchError(f"cannot connect to libvirt at {uri}: {msg}", hint=hint) from None
 
 
-def connect(uri: str) -> Any:
-    """The connection for `uri`, opened once per process; every call must be paired with release(uri)."""
+def connect(uri: str, *, key: str = "", wrap: Sequence[str] = ()) -> Any:
+    """The connection for `uri`, opened once per process; every call must be paired with release(key or uri).
+
+    A private session daemon started with `wrap` (e.g. inside one VM's network namespace) serves only
+    the connection of its own `key`."""
     libvirt = libvirt_module()
+    real_uri = uri
+    uri = key or uri
     with _lock:
         conn = _conns.get(uri)
         if conn is not None:
@@ -212,14 +218,14 @@ def connect(uri: str) -> Any:
             _drop(uri)
         _ensure_event_loop(libvirt)
         libvirt.registerErrorHandler(_quiet, None)
-        target = uri
-        if is_private_session(uri):
-            daemon = SessionDaemon()
+        target = real_uri
+        if is_private_session(real_uri):
+            daemon = SessionDaemon(wrap)
             daemon.start()
             _daemons[uri] = daemon
             target = daemon.uri
         try:
-            conn = _open(uri, target)
+            conn = _open(real_uri, target)
         except BaseException:
             _drop(uri)
             raise

@@ -17,7 +17,25 @@ in the host's network namespace). The layout, for VM slot N (a /30 out of 100.64
 - A lock file per slot N, held while the VM runs, tells a later start which leftovers are orphans
   (a tap created just before a SIGKILL, before it was moved): `sweep()` removes them.
 
-Accounting lives in the namespace's table, at its border (the veth): bytes out by destination and
+Without root (`UserVMNetwork`), the same namespace and table live in a user namespace of the job's
+user, and `slirp4netns` is the border instead of the veth:
+
+    guest eth0 --tap vmt0-t-- [user+net namespace: nftables, dnsmasq] --tap vmt0-u (slirp4netns)-- host sockets
+
+- The holder is `unshare --user --map-root-user --net`; vmtool runs `ip`, `nft` and dnsmasq in it with
+  `nsenter --preserve-credentials` (the user is root there, so they keep their capabilities).
+- slirp4netns attaches to the namespace (vmt0-u, 100.64.255.100/24, default route via .2) and turns
+  the namespace's packets into ordinary sockets of the job's user on the host (no port forwarding in,
+  no way to the host's loopback, no DNS of its own, IPv4 only). Debian 12's pasta (passt 2023-03)
+  was tried first and dropped: with a TCG guest its TCP connections stalled for good mid-download.
+- The tap is created inside the namespace, owned by the user; qemu can only open it from there, so the
+  job's private session libvirtd (one per VM in this mode) runs in the namespace too, in a nested user
+  namespace that maps the user back to its own uid (`daemon_wrap()`): libvirt sees an ordinary user.
+- When vmtool ends or dies, the holder kills dnsmasq and slirp4netns; libvirt destroys the VM (its domain is
+  AUTODESTROY) and the session daemon exits by its idle timeout: then the kernel deletes the namespace
+  with the taps and the table. Nothing of it is ever visible in the host's namespace.
+
+Accounting lives in the namespace's table, at its border (the veth, or slirp4netns's tap): bytes out by destination and
 bytes in by source, split by the LAN prefix set; the IP length of each packet is counted (no Ethernet
 header). Guest packets the egress policy refuses, and unsolicited packets towards the guest, are
 counted as dropped.
@@ -29,6 +47,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,8 +209,8 @@ def leftovers() -> list[str]:
     return sorted(found)
 
 
-def _ruleset(n: int, opts: NetOptions, lan: list[ipaddress.IPv4Network]) -> str:
-    _, ns_if, tap = names(n)
+def _ruleset(tap: str, ns_if: str, opts: NetOptions, lan: list[ipaddress.IPv4Network]) -> str:
+    """The namespace's table: `tap` faces the guest, `ns_if` is the border (the veth, or slirp4netns's tap)."""
     lan_set = ", ".join(str(p) for p in lan) if lan else "0.0.0.0/32"
     lines = [
         "table inet vmtool {",
@@ -287,25 +306,30 @@ class VMNetwork:
         assert self._holder is not None
         return self._holder.pid
 
+    def _enter(self) -> list[str]:
+        return ["nsenter", "-t", str(self.pid), "-n", "--"]
+
     def _ns(self, argv: list[str], **kw: Any) -> Any:
-        return run(["nsenter", "-t", str(self.pid), "-n", "--", *argv], **kw)
+        return run([*self._enter(), *argv], **kw)
+
+    def daemon_wrap(self) -> list[str]:
+        """How to start the session libvirtd so that qemu sees the tap (empty: the host namespace)."""
+        return []
+
+    @property
+    def pid_file(self) -> Path:
+        return LOCK_DIR / f"{self.n}.dnsmasq.pid"
+
+    def _tell_holder(self, pid: int) -> None:
+        assert self._holder is not None and self._holder.stdin is not None
+        self._holder.stdin.write(f"{pid}\n".encode())
+        self._holder.stdin.flush()
 
     def _create(self, uid: int, gid: int) -> None:
         # The holder is a shell in the new namespace reading pids from vmtool; at EOF (vmtool closed the
         # VM or died) it kills them (dnsmasq drops capabilities, which clears its parent-death signal).
         self._holder = spawn(["unshare", "--net", "--", "sh", "-c", HOLDER], stdin=PIPE, stderr=DEVNULL)
-        end = time.monotonic() + 5
-        host_ns = os.readlink("/proc/self/ns/net")
-        while True:
-            try:
-                if os.readlink(f"/proc/{self.pid}/ns/net") != host_ns:
-                    break
-            except OSError:
-                pass
-            if self._holder.poll() is not None or time.monotonic() > end:
-                raise NetworkError("could not make a network namespace for the VM",
-                                   hint="--network nat needs root (CAP_NET_ADMIN)")
-            time.sleep(0.01)
+        _wait_new_netns(self._holder, "a network namespace for the VM", "--network nat needs root (CAP_NET_ADMIN)")
         if _ensure_forwarding():
             self.notes.append("IPv4 forwarding was off on this host; vmtool turned it on for --network nat")
         run(["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if,
@@ -317,7 +341,7 @@ class VMNetwork:
         self._ns(["ip", "link", "set", self.ns_if, "up"])
         self._ns(["ip", "route", "add", "default", "via", self.host_addr])
         self._ns(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
-        self._ns(["nft", "-f", "-"], input=_ruleset(self.n, self.opts, self.lan).encode())
+        self._ns(["nft", "-f", "-"], input=_ruleset(self.tap, self.ns_if, self.opts, self.lan).encode())
         self._host_table()
         # qemu opens the tap in the host namespace; it is moved into the VM's namespace by attach().
         run(["ip", "tuntap", "add", "mode", "tap", "name", self.tap, "user", str(uid), "group", str(gid)])
@@ -341,26 +365,31 @@ class VMNetwork:
         raise NetworkError(f"could not add the host's NAT table {table}",
                            hint="check that the kernel has nf_tables with the table 'owner' flag (Linux 5.12+)")
 
-    def attach(self) -> None:
-        """After qemu opened the tap (domain created paused): move it into the namespace, start DHCP/DNS."""
-        run(["ip", "link", "set", self.tap, "netns", str(self.pid)])
+    def _tap_up(self) -> None:
         self._ns(["ip", "addr", "add", f"{GATEWAY}/24", "dev", self.tap])
         self._ns(["ip", "addr", "add", f"{RESOLVER}/24", "dev", self.tap])
         self._ns(["ip", "link", "set", self.tap, "up"])
-        if self.opts.dhcp:
-            pid_file = LOCK_DIR / f"{self.n}.dnsmasq.pid"
-            self._dnsmasq = spawn(_pdeath([
-                "nsenter", "-t", str(self.pid), "-n", "--", find_tool("dnsmasq"), "--keep-in-foreground",
-                "--conf-file=/dev/null", f"--pid-file={pid_file}", f"--interface={self.tap}",
-                "--bind-interfaces", "--except-interface=lo", "--no-hosts", "--leasefile-ro",
-                f"--dhcp-range={GUEST_ADDR},{GUEST_ADDR},255.255.255.0,1h", "--dhcp-authoritative",
-                f"--dhcp-option=option:router,{GATEWAY}", f"--dhcp-option=option:dns-server,{RESOLVER}",
-                "--user=root",
-            ]), stderr=DEVNULL)
-            assert self._holder is not None and self._holder.stdin is not None
-            self._holder.stdin.write(f"{self._dnsmasq.pid}\n".encode())
-            self._holder.stdin.flush()
+
+    def attach(self) -> None:
+        """After qemu opened the tap (domain created paused): move it into the namespace, start DHCP/DNS."""
+        run(["ip", "link", "set", self.tap, "netns", str(self.pid)])
+        self._tap_up()
+        self._start_dnsmasq()
         self.attached = True
+
+    def _start_dnsmasq(self) -> None:
+        if not self.opts.dhcp:
+            return
+        # --group= (empty): no change of group; in a user namespace setgroups() is refused
+        self._dnsmasq = spawn(_pdeath([
+            *self._enter(), find_tool("dnsmasq"), "--keep-in-foreground",
+            "--conf-file=/dev/null", f"--pid-file={self.pid_file}", f"--interface={self.tap}",
+            "--bind-interfaces", "--except-interface=lo", "--no-hosts", "--leasefile-ro",
+            f"--dhcp-range={GUEST_ADDR},{GUEST_ADDR},255.255.255.0,1h", "--dhcp-authoritative",
+            f"--dhcp-option=option:router,{GATEWAY}", f"--dhcp-option=option:dns-server,{RESOLVER}",
+            "--user=root", "--group=",
+        ]), stderr=DEVNULL)
+        self._tell_holder(self._dnsmasq.pid)
 
     # -- accounting ------------------------------------------------------------------------------------
 
@@ -404,7 +433,7 @@ class VMNetwork:
             self.counters()
         if self._holder is not None and self._holder.stdin is not None:
             self._holder.stdin.close()  # the holder kills what it was told of, and ends
-        for p in (self._dnsmasq, self._nft, self._holder):
+        for p in (*self._helpers(), self._holder):
             if p is not None and p.poll() is None:
                 try:
                     p.wait(2 if p is self._holder else 0.01)
@@ -415,12 +444,109 @@ class VMNetwork:
                 for s in (p.stdin, p.stderr):
                     if s is not None:
                         s.close()
-        run(["ip", "link", "del", self.tap], check=False)  # only if it never reached the namespace
-        run(["ip", "link", "del", self.host_if], check=False)
-        _wait_gone([self.host_if, self.tap])
+        self._remove_host_side()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+    def _helpers(self) -> list[Popen[bytes] | None]:
+        return [self._dnsmasq, self._nft]
+
+    def _remove_host_side(self) -> None:
+        run(["ip", "link", "del", self.tap], check=False)  # only if it never reached the namespace
+        run(["ip", "link", "del", self.host_if], check=False)
+        _wait_gone([self.host_if, self.tap])
+
+
+UPLINK = "vmt0-u"
+BORDER_NET = "100.64.255.0/24"  # slirp4netns's side: the namespace is .100, its gateway .2
+BORDER_MTU = 65520  # large frames: fewer packets through slirp, and headers stay < 2% of the bytes
+
+
+class UserVMNetwork(VMNetwork):
+    """`--network nat` without root: a user+network namespace of the job's user, slirp4netns as the border."""
+
+    def __init__(self, opts: NetOptions, tmp: Path) -> None:
+        super().__init__(0, None, opts)  # type: ignore[arg-type]
+        self._lock = None
+        self.ns_if = UPLINK
+        self.host_if = ""
+        self._tmp = tmp
+        self._border: Popen[bytes] | None = None
+
+    @property
+    def pid_file(self) -> Path:
+        return self._tmp / "dnsmasq.pid"
+
+    def _enter(self) -> list[str]:
+        return ["nsenter", "-t", str(self.pid), "-U", "-n", "--preserve-credentials", "--"]
+
+    def daemon_wrap(self) -> list[str]:
+        # a nested user namespace maps the user back to its own ids, so libvirtd is not "root" there
+        return [*self._enter(), "unshare", "--user", f"--map-user={os.getuid()}", f"--map-group={os.getgid()}",
+                "--"]
+
+    def _create(self, uid: int, gid: int) -> None:
+        self._holder = spawn(["unshare", "--user", "--map-root-user", "--net", "--", "sh", "-c", HOLDER],
+                             stdin=PIPE, stderr=DEVNULL)
+        _wait_new_netns(self._holder, "a user network namespace for the VM",
+                        "check that unprivileged user namespaces are enabled "
+                        "(sysctl user.max_user_namespaces, kernel.unprivileged_userns_clone)", mapped=True)
+        self._ns(["ip", "link", "set", "lo", "up"])
+        self._ns(["ip", "tuntap", "add", "mode", "tap", "name", self.tap, "user", "0", "group", "0"])
+        self._tap_up()
+        self._ns(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        # slirp4netns: qemu's user-mode stack (libslirp) in a process of the user, with the namespace's
+        # end as a tap; its own /24 must not be the guest's 10.0.2.0/24.
+        self._border = spawn(_pdeath([
+            find_tool("slirp4netns"), "--configure", "--disable-host-loopback", "--disable-dns",
+            f"--mtu={BORDER_MTU}", f"--cidr={BORDER_NET}", f"--userns-path=/proc/{self.pid}/ns/user",
+            str(self.pid), UPLINK]), stdin=DEVNULL, stdout=DEVNULL, stderr=PIPE)
+        self._tell_holder(self._border.pid)
+        end = time.monotonic() + 10
+        while b"default" not in self._ns(["ip", "-4", "route", "show", "default"], check=False).stdout:
+            if self._border.poll() is not None or time.monotonic() > end:
+                err = b""
+                if self._border.poll() is not None and self._border.stderr is not None:
+                    err = self._border.stderr.read()
+                raise NetworkError("slirp4netns did not connect the VM's namespace: "
+                                   f"{err.decode(errors='replace').strip()}",
+                                   hint="check that slirp4netns (Debian package slirp4netns) runs for this user")
+            time.sleep(0.05)
+        try:
+            self._ns(["nft", "-f", "-"], input=_ruleset(self.tap, self.ns_if, self.opts, self.lan).encode())
+        except CommandError as e:
+            raise NetworkError(f"cannot load the VM's nftables table in its user namespace: {e.message}",
+                               hint="the host needs the nf_tables, nft_nat, nft_masq and nf_conntrack modules "
+                                    "loaded (modprobe them as root once)") from None
+
+    def attach(self) -> None:
+        """qemu opened the tap inside the namespace: start DHCP/DNS."""
+        self._start_dnsmasq()
+        self.attached = True
+
+    def _helpers(self) -> list[Popen[bytes] | None]:
+        return [self._dnsmasq, self._border]
+
+    def _remove_host_side(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _wait_new_netns(holder: Popen[bytes], what: str, hint: str, *, mapped: bool = False) -> None:
+    """Until the holder is in its new namespace (and, with `mapped`, its user namespace has its uid map)."""
+    end = time.monotonic() + 5
+    host_ns = os.readlink("/proc/self/ns/net")
+    while True:
+        try:
+            if os.readlink(f"/proc/{holder.pid}/ns/net") != host_ns and (
+                    not mapped or all(Path(f"/proc/{holder.pid}/{m}_map").read_text().strip() for m in ("uid", "gid"))):
+                return
+        except OSError:
+            pass
+        if holder.poll() is not None or time.monotonic() > end:
+            raise NetworkError(f"could not make {what}", hint=hint)
+        time.sleep(0.01)
 
 
 def _wait_gone(ifnames: list[str], timeout: float = 5.0) -> None:
@@ -432,8 +558,7 @@ def _wait_gone(ifnames: list[str], timeout: float = 5.0) -> None:
 def setup(opts: NetOptions, *, uid: int | None = None, gid: int | None = None) -> VMNetwork:
     """Sweep orphans, take a free slot, make the namespace, links and tables; the tap waits for qemu."""
     if os.geteuid() != 0:
-        raise NetworkError("--network nat needs root here (network namespace, veth and nftables)",
-                           hint="run as root, or use --network user")
+        return _setup_user(opts)
     for tool in ("nft", "unshare", "nsenter", "setpriv", "ip") + (("dnsmasq",) if opts.dhcp else ()):
         find_tool(tool)
     sweep()
@@ -452,3 +577,18 @@ def setup(opts: NetOptions, *, uid: int | None = None, gid: int | None = None) -
             raise
         return net
     raise NetworkError("no free network slot for the VM", hint=f"{SLOTS} VMs with --network nat run already")
+
+
+def _setup_user(opts: NetOptions) -> UserVMNetwork:
+    for tool in ("nft", "unshare", "nsenter", "setpriv", "ip", "slirp4netns") + (("dnsmasq",) if opts.dhcp else ()):
+        find_tool(tool)
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="vmtool-net-"))
+    net = UserVMNetwork(opts, tmp)
+    try:
+        net._create(os.getuid(), os.getgid())
+    except BaseException:
+        net.close()
+        raise
+    return net

@@ -36,6 +36,7 @@ from vmtool.launch.host import HostFacts
 from vmtool.launch.libvirtconn import (
     connect,
     default_uri,
+    is_private_session,
     libvirt_module,
     release,
     session_daemon,
@@ -200,14 +201,18 @@ def _qemu_pid(name: str, uri: str) -> int:
     raise LaunchError(f"cannot find the qemu process of domain {name} ({uri})")
 
 
+NET_POLL_SECONDS = 10.0  # --network nat: how often the counters are read while the VM runs
+
+
 class RunningVM:
     """A started domain; use as a context manager so close() always runs."""
 
     def __init__(self, spec: LaunchSpec, rendered: Rendered, conn: Any, cgroup: cgroups.VMCgroup | None,
                  net: VMNetwork | None = None, *, uri: str = "", cgroup_mode: str = "none",
-                 slot_cgroup: cgroups.SlotCgroup | None = None) -> None:
+                 slot_cgroup: cgroups.SlotCgroup | None = None, conn_key: str = "") -> None:
         self.spec = spec
         self.uri = uri or spec.uri or default_uri()
+        self.conn_key = conn_key or self.uri  # which connection (and private daemon) this VM uses
         self.cgroup_mode = cgroup_mode
         self.slot_cgroup = slot_cgroup
         self._slot_ooms = slot_cgroup.oom_kills() if slot_cgroup is not None else 0
@@ -233,6 +238,7 @@ class RunningVM:
         self._macs = [n.mac or "" for n in dom.interfaces if n.has("./mac")]
         self.net = net
         self._net_counted = bool(self._macs) and net is None
+        self._net_next = 0.0
         self._chirp: Chirper | None = None
         self.reason: ExitReason | None = None
         self.detail = ""
@@ -257,7 +263,7 @@ class RunningVM:
         except libvirt.libvirtError as e:
             raise LaunchError(f"libvirt could not start the domain: {e.get_error_message()}",
                               hint="run 'vmtool domain render' with the same options to see the XML") from None
-        self.pid = _qemu_pid(self.name, self.uri)
+        self.pid = _qemu_pid(self.name, self.conn_key)
         log.debug("domain %s created paused, qemu pid %d", self.name, self.pid)
         if self.cgroup is not None:
             self.cgroup.add_pid(self.pid)
@@ -291,6 +297,12 @@ class RunningVM:
     def _poll_network(self, final: bool = False) -> None:
         if self.net is None:
             return
+        # Reading the counters runs nsenter + nft (tens of ms of CPU): not at every stats poll, which
+        # would cost a busy TCG guest more than the counting itself. The end of the VM reads them anyway.
+        now = time.monotonic()
+        if not final and now < self._net_next:
+            return
+        self._net_next = now + NET_POLL_SECONDS
         self._stats.set_net(self.net.counters())
         if self._chirp is not None:
             note = self._chirp.update(self._stats, final=final)
@@ -494,7 +506,7 @@ class RunningVM:
         if self._watching:
             unwatch_lifecycle(self._conn, self.name)
             self._watching = False
-        release(self.uri)  # the last user stops the private session daemon
+        release(self.conn_key)  # the last user stops the private session daemon
         log.debug("domain %s cleaned up", self.name)
         if errors:
             raise LaunchError("cleanup failed: " + "; ".join(errors))
@@ -575,16 +587,31 @@ def start(spec: LaunchSpec, *, host: HostFacts | None = None, slot: Slot | None 
 
     _check_sandbox(spec.render.sandbox)
     uri = spec.uri or default_uri()
-    conn = connect(uri)
     net: VMNetwork | None = None
+    key = uri
+    if spec.render.network == "nat" and os.geteuid() != 0:
+        # without root the tap lives in the VM's user namespace, where only a daemon of its own sees it
+        if not is_private_session(uri):
+            raise LaunchError(f"--network nat without root needs vmtool's private session daemon, not {uri}",
+                              hint="leave --uri out (qemu:///session), or run as root")
+        net = _network_for(spec)
+        assert net is not None
+        key = f"{uri}#net{net.pid}"
+    try:
+        conn = connect(uri, key=key, wrap=net.daemon_wrap() if net is not None else ())
+    except BaseException:
+        if net is not None:
+            net.close()
+        raise
     try:
         host = host or host_facts(uri, conn=conn)
         mode, parent = cgroups.choose_mode(use_cgroup=spec.use_cgroup, parent=spec.cgroup_parent)
         slot_cg = None
         if mode == "inherited":
             slot_cg = cgroups.SlotCgroup.of_self()
-            slot = _inherited_slot(slot or discover_slot(machine_ad=spec.machine_ad), slot_cg, uri)
-        net = _network_for(spec)
+            slot = _inherited_slot(slot or discover_slot(machine_ad=spec.machine_ad), slot_cg, key)
+        if net is None:
+            net = _network_for(spec)
         if net is not None:
             spec = replace(spec, render=replace(spec.render, tap=net.tap))
         rendered = render_for(spec, host, slot)
@@ -597,9 +624,9 @@ def start(spec: LaunchSpec, *, host: HostFacts | None = None, slot: Slot | None 
     except BaseException:
         if net is not None:
             net.close()
-        release(uri)
+        release(key)
         raise
-    vm = RunningVM(spec, rendered, conn, cg, net, uri=uri, cgroup_mode=mode, slot_cgroup=slot_cg)
+    vm = RunningVM(spec, rendered, conn, cg, net, uri=uri, cgroup_mode=mode, slot_cgroup=slot_cg, conn_key=key)
     if not host.kvm and "/dev/kvm is not readable" in host.kvm_reason:
         vm.warnings.append(f"running under TCG (slow): {host.kvm_reason}")
     try:
