@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 from vmtool.image.extract import _data_runs, extract  # noqa: E402
 from vmtool.image.source import sha256_file  # noqa: E402
-from vmtool.images.default import make_rootfs_tree  # noqa: E402
-from vmtool.images.disk import make_whole_disk  # noqa: E402
 from vmtool.launch.host import newest_host_kernel  # noqa: E402
+from vmtool.recipe.busybox import make_rootfs_tree  # noqa: E402
+from vmtool.recipe.disk import make_whole_disk  # noqa: E402
 from vmtool.run import run  # noqa: E402
 
 MiB = 1 << 20

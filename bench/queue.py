@@ -120,10 +120,10 @@ def part1(addr: tuple[str, int]) -> bool:
 def part2(addr: tuple[str, int], top: Path) -> None:
     from vmtool.image.build import build
     from vmtool.image.options import BuildOptions
-    from vmtool.images.disk import make_default_disk
     from vmtool.queue.agent import AgentMode
     from vmtool.queue.vms import VMFactory, resolve_image
     from vmtool.queue.worker import Worker, WorkerOptions
+    from vmtool.recipe.create import make_default_disk
 
     disk = top / "default.raw"
     make_default_disk(disk)

@@ -16,7 +16,7 @@ import pytest
 from tests.fixtures.images import tree_with_host_kernel, whole_disk
 from vmtool.cli.main import main
 from vmtool.image import lvm
-from vmtool.images.disk import sparse_copy_into
+from vmtool.recipe.disk import sparse_copy_into
 from vmtool.run import run
 
 pytestmark = pytest.mark.integration

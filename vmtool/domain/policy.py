@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmtool.datafiles import data_file
 from vmtool.domain import sanitise
 from vmtool.domain.model import CPU, Disk, Domain, Interface
 from vmtool.domain.sanitise import Notes, Sandbox
@@ -428,12 +429,12 @@ def _check_overlay(p: Path) -> None:
                           hint="make an overlay: qemu-img create -f qcow2 -F raw -b BASE OVERLAY.qcow2")
 
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "domain.xml"
-
-
 def render(source: bytes | str | None, opts: RenderOptions, host: HostFacts, slot: Slot) -> Rendered:
     """Rewrite a domain XML (or vmtool's template when None) for this host and slot."""
-    text = TEMPLATE.read_text() if source is None else (source.decode() if isinstance(source, bytes) else source)
+    if source is None:
+        text = data_file("templates", "domain/domain.xml").read_text()
+    else:
+        text = source.decode() if isinstance(source, bytes) else source
     dom = Domain.from_xml(text)
     r = _Renderer(dom, opts, host, slot)
     r.template = source is None

@@ -12,7 +12,7 @@ import os
 import re
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from vmtool import __version__
 from vmtool.errors import CommandError, ImageError, VmtoolError
 from vmtool.fsutil import atomic_dir, os_error
 from vmtool.image import fstab as fstabmod
+from vmtool.image import initsys
 from vmtool.image.extfs import ExtFs
 from vmtool.image.extract import (
     PendingDigest,
@@ -30,6 +31,8 @@ from vmtool.image.extract import (
     sparse_clone,
 )
 from vmtool.image.fs import probe
+from vmtool.image.guesttree import GuestTree
+from vmtool.image.initsys import InitSystem
 from vmtool.image.inspect import (
     EXT_TYPES,
     Kernel,
@@ -67,6 +70,41 @@ class Edits:
     label: str
     ssh_keys: bytes  # appended to root's authorized_keys
     files: Mapping[str, tuple[bytes, int]]  # guest path -> (content, mode): the agent's files
+    symlinks: Mapping[str, str] = field(default_factory=dict)  # guest path -> target
+    agent: AgentMode | None = None  # hooked into the guest's init once it is known
+
+
+@dataclass(frozen=True)
+class GuestReport:
+    """What the build found in the guest and did about it (the manifest's "guest" section)."""
+
+    init: InitSystem
+    agent_hook: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"init": self.init.to_dict(), "agent_hook": self.agent_hook}
+
+
+def guest_edits(edits: Edits, tree: GuestTree, init: InitSystem | None) -> tuple[Edits, GuestReport]:
+    """The edits completed for this guest: the agent hooked into its init (refused if it cannot be)."""
+    init = init or initsys.detect(tree)
+    if edits.agent is None:
+        return edits, GuestReport(init, None)
+    h = initsys.hook(init, tree)
+    files = dict(edits.files)
+    conf_path = agentmod_conf_path()
+    if conf_path in files and init.kind != "vmtool":
+        content, mode = files[conf_path]
+        files[conf_path] = (content + f"VMTOOL_AGENT_POWEROFF='{initsys.poweroff_command(init.kind)}'\n".encode(), mode)
+    files.update(h.files)
+    log.info("agent: %s", h.description)
+    return replace(edits, files=files, symlinks={**edits.symlinks, **h.symlinks}), GuestReport(init, h.description)
+
+
+def agentmod_conf_path() -> str:
+    from vmtool.queue import agent as agentmod
+
+    return agentmod.CONF_PATH
 
 
 @dataclass(frozen=True)
@@ -180,7 +218,7 @@ def build(opts: BuildOptions) -> BuildResult:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the VM runner (libvirt's qemu user) must read it
         src_hash = BackgroundHash(src.path)
         try:
-            edits = Edits(opts.label or DEFAULT_LABEL, keys, extra_files)
+            edits = Edits(opts.label or DEFAULT_LABEL, keys, extra_files, agent=opts.agent)
             return _build_in(opts, src, tmp, src_hash, edits, agent_info)
         except BaseException:
             src_hash.cancel()
@@ -215,9 +253,11 @@ def _build_in(
         label = edits.label
         check_label(label, root.fstype, explicit=opts.label is not None)  # its limit depends on the type
         if backend is Backend.NATIVE:
-            boot, out = _native(layout, work, edits, opts.kernel_version, materialized)
+            boot, out, report = _native(layout, work, edits, opts.kernel_version, materialized)
         else:
-            boot, out = _guestfs(layout, work, edits, opts.kernel_version)
+            boot, out, report = _guestfs(layout, work, edits, opts.kernel_version)
+        if agent_info is not None:
+            agent_info = {**agent_info, "init": report.init.kind, "hook": report.agent_hook}
         for p in materialized.values():
             p.unlink(missing_ok=True)
     # On a native build the rootfs sha256 is still being finished on its thread: it is collected last.
@@ -271,7 +311,8 @@ def _build_in(
                     "root_reason": layout.root_reason,
                     "boot": layout.boot.name if layout.boot else None,
                     "boot_reason": layout.boot_reason,
-                }
+                },
+                "guest": report.to_dict(),
             },
             base_dir=tmp,
         )
@@ -285,8 +326,17 @@ def _build_in(
         raise
 
 
-def _guestfs(layout: Layout, work: Work, edits: Edits, kernel_version: str | None) -> tuple[BootFiles, RootOutput]:
+def _guestfs(
+    layout: Layout, work: Work, edits: Edits, kernel_version: str | None
+) -> tuple[BootFiles, RootOutput, GuestReport]:
     from vmtool.image import guestfs_backend  # lazy: needs the guestfs binding
+
+    reports: list[GuestReport] = []
+
+    def prepare(tree: GuestTree) -> tuple[dict[str, tuple[bytes, int]], dict[str, str]]:
+        done, report = guest_edits(edits, tree, None)
+        reports.append(report)
+        return dict(done.files), dict(done.symlinks)
 
     kernel, kpath, ipath, fstab_before, fstab_after = guestfs_backend.build(
         layout,
@@ -294,10 +344,10 @@ def _guestfs(layout: Layout, work: Work, edits: Edits, kernel_version: str | Non
         work.tmp,
         label=edits.label,
         ssh_keys=edits.ssh_keys,
-        files=dict(edits.files),
+        prepare=prepare,
         kernel_version=kernel_version,
     )
-    return BootFiles(kernel, kpath, ipath), RootOutput(fstab_before, fstab_after)
+    return BootFiles(kernel, kpath, ipath), RootOutput(fstab_before, fstab_after), reports[0]
 
 
 def _fsync(*paths: Path) -> None:
@@ -332,13 +382,14 @@ def _fs_identity(rootfs: Path) -> tuple[str, str]:
 
 def _native(
     layout: Layout, work: Work, edits: Edits, kernel_version: str | None, materialized: dict[str, Path]
-) -> tuple[BootFiles, RootOutput]:
+) -> tuple[BootFiles, RootOutput, GuestReport]:
     """The native backend: the kernel and initrd are copied out (and hashed) on a thread while the
     root volume is copied and changed on this one, itself hashed on a third as it is written."""
     # Pick the kernel before the long copy, so a disk without one fails fast.
     kernel = choose_kernel(layout.kernels, kernel_version)
     assert kernel is not None and kernel.initrd_real is not None
     guest = _locate(layout, work, materialized)
+    edits, report = guest_edits(edits, guest_tree(guest.root, guest.boot), layout.init)
     boot = BootFiles(kernel, work.tmp / f"vmlinuz-{kernel.version}", work.tmp / f"initrd.img-{kernel.version}")
     boot_sha: list[str] = []
     dump_errors: list[BaseException] = []
@@ -361,7 +412,7 @@ def _native(
         if isinstance(dump_errors[0], OSError):
             raise os_error(dump_errors[0], "copying the kernel") from None
         raise dump_errors[0]
-    return replace(boot, sha256=(boot_sha[0], boot_sha[1])), out
+    return replace(boot, sha256=(boot_sha[0], boot_sha[1])), out, report
 
 
 def _locate(layout: Layout, work: Work, materialized: dict[str, Path]) -> GuestFilesystems:
@@ -412,19 +463,26 @@ def _root_volume(layout: Layout, work: Work, edits: Edits, guest: GuestFilesyste
         files[AUTHORIZED_KEYS] = (_existing_keys(guest.root) + edits.ssh_keys, 0o600)
     files.update(edits.files)
     rootfs = work.rootfs
+    links = dict(edits.symlinks)
     if not guest.root_copied:
-        digest = _overlay_build(work.raw, root, rootfs, work.tmp, files, edits.label)
+        digest = _overlay_build(work.raw, root, rootfs, work.tmp, files, edits.label, links)
         if digest is not None:
             return RootOutput(before, after, digest)
         extract(work.raw, root.pieces, rootfs, label=f"extracting {root.name}")
     ExtFs(rootfs, name=f"root filesystem ({root.name})").write_files(
-        files, workdir=rootfs.parent, label=edits.label
+        files, workdir=rootfs.parent, label=edits.label, symlinks=links
     )
     return RootOutput(before, after)
 
 
 def _overlay_build(
-    raw: Path, root: Volume, rootfs: Path, tmp: Path, files: dict[str, tuple[bytes, int]], label: str
+    raw: Path,
+    root: Volume,
+    rootfs: Path,
+    tmp: Path,
+    files: dict[str, tuple[bytes, int]],
+    label: str,
+    links: dict[str, str],
 ) -> PendingDigest | None:
     """One pass over the root volume: changes made first on an `e2image -r` metadata copy, then the
     volume copied with the changed blocks laid over it and hashed as it is written. None: not possible
@@ -449,7 +507,9 @@ def _overlay_build(
         meta0.unlink(missing_ok=True)
         return None
     try:
-        ExtFs(meta, name=f"root filesystem ({root.name})").write_files(files, workdir=tmp, label=label)
+        ExtFs(meta, name=f"root filesystem ({root.name})").write_files(
+            files, workdir=tmp, label=label, symlinks=links
+        )
         # e2image writes whole host blocks, so its data ranges also cover unrelated filesystem blocks
         # (as zeros): only the blocks the changes really touched are laid over the source.
         changed = changed_ranges(meta0, meta, block)
@@ -463,6 +523,11 @@ def _overlay_build(
         out = ExtFs(rootfs, name="the new root filesystem")
         for gpath, (content, _mode) in files.items():
             if out.cat(gpath) != content:
+                raise ImageError(
+                    f"{gpath} did not survive the copy of the root filesystem", hint="report this bug"
+                )
+        for gpath, target in links.items():
+            if out.readlink(gpath) != target:
                 raise ImageError(
                     f"{gpath} did not survive the copy of the root filesystem", hint="report this bug"
                 )

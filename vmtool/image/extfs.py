@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from vmtool.errors import CommandError, ImageError
@@ -144,9 +145,16 @@ class ExtFs:
                 )
 
     def write_files(
-        self, files: dict[str, tuple[bytes, int]], *, workdir: Path, label: str | None = None
+        self,
+        files: dict[str, tuple[bytes, int]],
+        *,
+        workdir: Path,
+        label: str | None = None,
+        symlinks: Mapping[str, str] | None = None,
+        xattrs: Mapping[str, bytes] | None = None,
     ) -> None:
-        """Create or replace regular files (guest path -> (content, mode)), owned by root.
+        """Create or replace regular files (guest path -> (content, mode)) and symlinks (guest path ->
+        target), owned by root; xattrs: guest path -> security.selinux label to set on it.
 
         Missing parent directories are created (0755, or 0700 for .ssh). An existing entry at the path
         (a file or a symlink) is removed first, so a hostile symlink is replaced, never written through.
@@ -173,6 +181,25 @@ class ExtFs:
                 cmds.append(f'sif "{_q(name)}" uid 0')
                 cmds.append(f'sif "{_q(name)}" gid 0')
                 cmds.append('cd "/"')
+            for gpath, target in sorted((symlinks or {}).items()):
+                norm = _normalise(gpath)
+                parent, _, name = norm.rpartition("/")
+                parent = parent or "/"
+                cmds.extend(self._mkdirs(parent))
+                st = self.lstat(norm)
+                if st is not None:
+                    if st[1] & S_IFMT == S_IFDIR:
+                        raise ImageError(
+                            f"{norm} is a directory in the image", hint="remove it from the image first"
+                        )
+                    cmds.append(f'rm "{_q(norm)}"')
+                cmds.append(f'cd "{_q(parent)}"')
+                cmds.append(f'symlink "{_q(name)}" "{_q(target)}"')
+                cmds.append('cd "/"')
+            for n, (gpath, value) in enumerate(sorted((xattrs or {}).items())):
+                vfile = Path(td) / f"x{n}"
+                vfile.write_bytes(value)
+                cmds.append(f'ea_set -f "{_q(os.fspath(vfile))}" "{_q(_normalise(gpath))}" security.selinux')
             if label is not None:
                 cmds.append(f'ssv volume_name "{_q(label)}"')
             self._cache.clear()
@@ -196,6 +223,10 @@ class ExtFs:
                     raise ImageError(
                         f"cannot write {norm} into {self.name}" + (f": {detail}" if detail else "")
                     )
+            for gpath, target in (symlinks or {}).items():
+                norm = _normalise(gpath)
+                if self.readlink(norm) != target:
+                    raise ImageError(f"cannot make the symlink {norm} in {self.name}")
 
     def _mkdirs(self, parent: str) -> list[str]:
         cmds = []
