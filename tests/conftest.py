@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.fixtures.libvirtd",
     "tests.fixtures.beanstalk",
     "tests.fixtures.cloud",
+    "tests.fixtures.distros",
 ]
 
 os.environ.setdefault("PATH", "/usr/bin:/bin")

@@ -68,6 +68,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="install the vmtool guest agent (default mode: relay)",
     )
+    b.add_argument(
+        "--no-initrd-check",
+        dest="initrd_check",
+        action="store_false",
+        help="do not read the initrd for its disk drivers (the guest is then booted from virtio)",
+    )
     b.add_argument("--disk", action="store_true", help="also assemble a bootable whole-disk image")
     b.add_argument(
         "--disk-format", metavar=_one_of(ImageFormat), default="raw", help="format of the --disk image"
@@ -221,6 +227,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         agent=args.agent,
         disk=args.disk,
         disk_format=args.disk_format,
+        initrd_check=args.initrd_check,
     )
     res = build(opts)
     m = res.manifest
@@ -234,12 +241,31 @@ def cmd_build(args: argparse.Namespace) -> int:
             f"  kernel:  {m.kernel.path}",
             f"  initrd:  {m.initrd.path}",
             f"  cmdline: {m.cmdline}",
+            *_guest_lines(m.extra.get("guest")),
             *([f"  disk:    {m.disk.path} ({m.disk.format})"] if m.disk else []),
             "  manifest.json",
         ]
     )
     emit(args, data, text)
     return 0
+
+
+def _guest_lines(guest: Any) -> list[str]:
+    if not guest:
+        return []
+    lines = [f"  init:    {guest['init']['kind']} ({guest['init']['evidence']})"]
+    if guest.get("agent_hook"):
+        lines.append(f"  agent:   {guest['agent_hook']}")
+    ird = guest.get("initrd")
+    if ird:
+        lines.append(
+            f"  initrd:  {'+'.join(ird['archives'])} by {ird['generator']}; boots from "
+            f"{', '.join(ird['buses'])}"
+        )
+        lines.extend(f"  warning: {w}" for w in ird["warnings"])
+    for s in guest.get("selinux") or []:
+        lines.append(f"  selinux: {s}")
+    return lines
 
 
 def cmd_image_list(args: argparse.Namespace) -> int:

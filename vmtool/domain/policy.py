@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 TCG_CPU_MODEL = "qemu64"
 DEFAULT_MEMORY_MIB = 512
 VMTOOL_PREFIX = "vmtool"
+DISK_BUS_PREFIX = {"virtio": "vd", "sata": "sd", "ide": "hd"}
 BLOCK_DISK_TYPES = ("block", "network", "volume", "nvme", "vhostuser", "vhostvdpa", "dir")
 
 
@@ -64,11 +65,15 @@ class BootFiles:
     initrd: Path
     cmdline: str
     build_dir: Path  # the build's directory: the domain may name files in it, as in the sandbox
+    # The disk bus the initrd can boot from (the build's initrd check): virtio, else sata, else ide.
+    disk_bus: str = "virtio"
 
     @classmethod
     def of(cls, manifest: Manifest) -> BootFiles:
+        initrd = (manifest.extra.get("guest") or {}).get("initrd") or {}
+        buses = [b for b in initrd.get("buses") or () if b in DISK_BUS_PREFIX]
         return cls(kernel=manifest.kernel_path, initrd=manifest.initrd_path, cmdline=manifest.cmdline,
-                   build_dir=manifest.base_dir.resolve())
+                   build_dir=manifest.base_dir.resolve(), disk_bus=buses[0] if buses else "virtio")
 
 
 @dataclass(frozen=True)
@@ -290,15 +295,19 @@ class _Renderer:
                 disk.driver_name, disk.driver_type = "qemu", fmt
             disk.drop_backing_chain()
             used.add(disk.target_dev or "")
+        bus = self.opts.boot.disk_bus if self.opts.boot is not None else "virtio"
+        prefix = DISK_BUS_PREFIX[bus]
+        if bus != "virtio" and overlays:
+            self.change(f"disks on the {bus} bus: the build's initrd has no virtio disk driver")
         for p in overlays:
             n = 0
-            while f"vd{chr(ord('a') + n)}" in used:
+            while f"{prefix}{chr(ord('a') + n)}" in used:
                 n += 1
-            dev = f"vd{chr(ord('a') + n)}"
+            dev = f"{prefix}{chr(ord('a') + n)}"
             used.add(dev)
             disk = self.dom.disks.add(type="file", device="disk")
             disk.driver_name = "qemu"
-            disk.target_dev, disk.target_bus = dev, "virtio"
+            disk.target_dev, disk.target_bus = dev, bus
             self._to_overlay(disk, p)
             disk.reindent()
 

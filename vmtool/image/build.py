@@ -32,6 +32,7 @@ from vmtool.image.extract import (
 )
 from vmtool.image.fs import probe
 from vmtool.image.guesttree import GuestTree
+from vmtool.image.initrd import InitrdReport
 from vmtool.image.initsys import InitSystem
 from vmtool.image.inspect import (
     EXT_TYPES,
@@ -80,9 +81,14 @@ class GuestReport:
 
     init: InitSystem
     agent_hook: str | None
+    initrd: InitrdReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"init": self.init.to_dict(), "agent_hook": self.agent_hook}
+        return {
+            "init": self.init.to_dict(),
+            "agent_hook": self.agent_hook,
+            "initrd": self.initrd.to_dict() if self.initrd else None,
+        }
 
 
 def guest_edits(edits: Edits, tree: GuestTree, init: InitSystem | None) -> tuple[Edits, GuestReport]:
@@ -256,6 +262,8 @@ def _build_in(
             boot, out, report = _native(layout, work, edits, opts.kernel_version, materialized)
         else:
             boot, out, report = _guestfs(layout, work, edits, opts.kernel_version)
+        if opts.initrd_check:
+            report = replace(report, initrd=_check_initrd(boot, layout, work))
         if agent_info is not None:
             agent_info = {**agent_info, "init": report.init.kind, "hook": report.agent_hook}
         for p in materialized.values():
@@ -326,6 +334,40 @@ def _build_in(
         raise
 
 
+def _check_initrd(boot: BootFiles, layout: Layout, work: Work) -> InitrdReport:
+    """Read the initrd copied out, with the kernel's config: refuse one that cannot boot from any disk."""
+    from vmtool.image import initrd as initrdmod
+
+    root = layout.root
+    assert root is not None
+    config = work.tmp / f".config-{boot.kernel.version}"
+    try:
+        config_text = config.read_text(errors="replace") if config.exists() else None
+        data = boot.initrd_path.read_bytes()
+    except OSError as e:
+        raise os_error(e, "reading the initrd") from None
+    finally:
+        config.unlink(missing_ok=True)
+    what = f"initrd {boot.kernel.initrd_real}"
+    try:
+        report = initrdmod.check(data, config_text, root.fstype, what=what)
+    except initrdmod.InitrdError as e:
+        raise initrdmod.InitrdError(
+            e.message, hint=f"{e.hint}; or build with --no-initrd-check to boot it from virtio unchecked"
+        ) from None
+    fix = initrdmod.fix_hint(report.generator)
+    if not report.buses:
+        missing = ", ".join(d for d, s in report.drivers.items() if s == "missing")
+        raise initrdmod.InitrdError(
+            f"{what} cannot boot from any disk vmtool offers: {missing} neither built into kernel "
+            f"{boot.kernel.version} nor in the initrd",
+            hint=fix,
+        )
+    for w in report.warnings:
+        log.warning("%s: %s (to fix: %s)", what, w, fix)
+    return report
+
+
 def _guestfs(
     layout: Layout, work: Work, edits: Edits, kernel_version: str | None
 ) -> tuple[BootFiles, RootOutput, GuestReport]:
@@ -342,6 +384,7 @@ def _guestfs(
         layout,
         work.rootfs,
         work.tmp,
+        config_dir=work.tmp,
         label=edits.label,
         ssh_keys=edits.ssh_keys,
         prepare=prepare,
@@ -389,7 +432,9 @@ def _native(
     kernel = choose_kernel(layout.kernels, kernel_version)
     assert kernel is not None and kernel.initrd_real is not None
     guest = _locate(layout, work, materialized)
-    edits, report = guest_edits(edits, guest_tree(guest.root, guest.boot), layout.init)
+    tree = guest_tree(guest.root, guest.boot)
+    edits, report = guest_edits(edits, tree, layout.init)
+    _copy_config(tree, kernel.version, work.tmp)
     boot = BootFiles(kernel, work.tmp / f"vmlinuz-{kernel.version}", work.tmp / f"initrd.img-{kernel.version}")
     boot_sha: list[str] = []
     dump_errors: list[BaseException] = []
@@ -413,6 +458,16 @@ def _native(
             raise os_error(dump_errors[0], "copying the kernel") from None
         raise dump_errors[0]
     return replace(boot, sha256=(boot_sha[0], boot_sha[1])), out, report
+
+
+def _copy_config(tree: GuestTree, version: str, tmp: Path) -> None:
+    """/boot/config-<version> out of the guest (for the initrd check), when it has one."""
+    try:
+        real = tree.resolve(f"/boot/config-{version}")
+        data = tree.read_file(real, 16 << 20)
+    except ImageError:
+        return
+    (tmp / f".config-{version}").write_bytes(data)
 
 
 def _locate(layout: Layout, work: Work, materialized: dict[str, Path]) -> GuestFilesystems:

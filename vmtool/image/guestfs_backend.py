@@ -189,6 +189,7 @@ def build(
     ssh_keys: bytes,
     prepare: Callable[[GuestTree], tuple[dict[str, tuple[bytes, int]], dict[str, str]]],
     kernel_version: str | None,
+    config_dir: Path | None = None,
 ) -> tuple[Kernel, Path, Path, str | None, str]:
     """prepare(tree): the files and symlinks to write, decided once the guest's tree can be read."""
     root = layout.root
@@ -258,6 +259,9 @@ def build(
         ipath = tmp / f"initrd.img-{kernel.version}"
         g.download(kernel.real, os.fspath(kpath))
         g.download(kernel.initrd_real, os.fspath(ipath))
+        config = f"/boot/config-{kernel.version}"
+        if config_dir is not None and g.is_file(config, followsymlinks=True):
+            g.download(config, os.fspath(config_dir / f".config-{kernel.version}"))
         os.chmod(kpath, 0o644)
         os.chmod(ipath, 0o644)
         g.umount_all()

@@ -351,6 +351,8 @@ def make_whole_disk(
         for k, i, ver in kernels:
             shutil.copyfile(k, kdir / f"vmlinuz-{ver}")
             shutil.copyfile(i, kdir / f"initrd.img-{ver}")
+            if (k.parent / f"config-{ver}").is_file():  # the initrd check reads it
+                shutil.copyfile(k.parent / f"config-{ver}", kdir / f"config-{ver}")
             versions.append(ver)
         for name, content in (boot_files or {}).items():
             bf = kdir / name
