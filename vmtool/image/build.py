@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,7 @@ class Edits:
     ssh_keys: bytes  # appended to root's authorized_keys
     files: Mapping[str, tuple[bytes, int]]  # guest path -> (content, mode): the agent's files
     symlinks: Mapping[str, str] = field(default_factory=dict)  # guest path -> target
+    xattrs: Mapping[str, bytes] = field(default_factory=dict)  # guest path -> security.selinux label
     agent: AgentMode | None = None  # hooked into the guest's init once it is known
 
 
@@ -82,20 +83,25 @@ class GuestReport:
     init: InitSystem
     agent_hook: str | None
     initrd: InitrdReport | None = None
+    selinux: tuple[str, ...] = ()  # where each written file's label came from
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "init": self.init.to_dict(),
             "agent_hook": self.agent_hook,
+            "selinux": list(self.selinux),
             "initrd": self.initrd.to_dict() if self.initrd else None,
         }
 
 
-def guest_edits(edits: Edits, tree: GuestTree, init: InitSystem | None) -> tuple[Edits, GuestReport]:
-    """The edits completed for this guest: the agent hooked into its init (refused if it cannot be)."""
+def guest_edits(
+    edits: Edits, tree: GuestTree, init: InitSystem | None, existing_label: Callable[[str], bytes | None]
+) -> tuple[Edits, GuestReport]:
+    """The edits completed for this guest: the agent hooked into its init (refused if it cannot be),
+    and, in an SELinux guest, a label for every file written."""
     init = init or initsys.detect(tree)
     if edits.agent is None:
-        return edits, GuestReport(init, None)
+        return _labelled(edits, tree, existing_label, GuestReport(init, None))
     h = initsys.hook(init, tree)
     files = dict(edits.files)
     conf_path = agentmod_conf_path()
@@ -104,7 +110,26 @@ def guest_edits(edits: Edits, tree: GuestTree, init: InitSystem | None) -> tuple
         files[conf_path] = (content + f"VMTOOL_AGENT_POWEROFF='{initsys.poweroff_command(init.kind)}'\n".encode(), mode)
     files.update(h.files)
     log.info("agent: %s", h.description)
-    return replace(edits, files=files, symlinks={**edits.symlinks, **h.symlinks}), GuestReport(init, h.description)
+    done = replace(edits, files=files, symlinks={**edits.symlinks, **h.symlinks})
+    return _labelled(done, tree, existing_label, GuestReport(init, h.description))
+
+
+def _labelled(
+    edits: Edits, tree: GuestTree, existing: Callable[[str], bytes | None], report: GuestReport
+) -> tuple[Edits, GuestReport]:
+    from vmtool.image import selinux
+
+    policy = selinux.load_policy(tree)
+    if policy is None:
+        return edits, report
+    files = ["/etc/fstab", *edits.files]
+    if edits.ssh_keys:
+        files.append(AUTHORIZED_KEYS)
+    xattrs, said = selinux.labels(policy, set(files), set(edits.symlinks), existing)
+    log.warning("SELinux is %s in the guest: labelled %d files vmtool wrote", policy.mode, len(xattrs))
+    for line in said:
+        log.info("selinux: %s", line)
+    return replace(edits, xattrs=xattrs), replace(report, selinux=tuple(said))
 
 
 def agentmod_conf_path() -> str:
@@ -375,10 +400,12 @@ def _guestfs(
 
     reports: list[GuestReport] = []
 
-    def prepare(tree: GuestTree) -> tuple[dict[str, tuple[bytes, int]], dict[str, str]]:
-        done, report = guest_edits(edits, tree, None)
+    def prepare(
+        tree: GuestTree, existing: Callable[[str], bytes | None]
+    ) -> tuple[dict[str, tuple[bytes, int]], dict[str, str], dict[str, bytes]]:
+        done, report = guest_edits(edits, tree, None, existing)
         reports.append(report)
-        return dict(done.files), dict(done.symlinks)
+        return dict(done.files), dict(done.symlinks), dict(done.xattrs)
 
     kernel, kpath, ipath, fstab_before, fstab_after = guestfs_backend.build(
         layout,
@@ -433,7 +460,12 @@ def _native(
     assert kernel is not None and kernel.initrd_real is not None
     guest = _locate(layout, work, materialized)
     tree = guest_tree(guest.root, guest.boot)
-    edits, report = guest_edits(edits, tree, layout.init)
+    root_fs = guest.root
+
+    def existing(path: str) -> bytes | None:
+        return root_fs.get_xattr(path, "security.selinux")
+
+    edits, report = guest_edits(edits, tree, layout.init, existing)
     _copy_config(tree, kernel.version, work.tmp)
     boot = BootFiles(kernel, work.tmp / f"vmlinuz-{kernel.version}", work.tmp / f"initrd.img-{kernel.version}")
     boot_sha: list[str] = []
@@ -519,13 +551,14 @@ def _root_volume(layout: Layout, work: Work, edits: Edits, guest: GuestFilesyste
     files.update(edits.files)
     rootfs = work.rootfs
     links = dict(edits.symlinks)
+    xattrs = dict(edits.xattrs)
     if not guest.root_copied:
-        digest = _overlay_build(work.raw, root, rootfs, work.tmp, files, edits.label, links)
+        digest = _overlay_build(work.raw, root, rootfs, work.tmp, files, edits.label, links, xattrs)
         if digest is not None:
             return RootOutput(before, after, digest)
         extract(work.raw, root.pieces, rootfs, label=f"extracting {root.name}")
     ExtFs(rootfs, name=f"root filesystem ({root.name})").write_files(
-        files, workdir=rootfs.parent, label=edits.label, symlinks=links
+        files, workdir=rootfs.parent, label=edits.label, symlinks=links, xattrs=xattrs
     )
     return RootOutput(before, after)
 
@@ -538,6 +571,7 @@ def _overlay_build(
     files: dict[str, tuple[bytes, int]],
     label: str,
     links: dict[str, str],
+    xattrs: dict[str, bytes],
 ) -> PendingDigest | None:
     """One pass over the root volume: changes made first on an `e2image -r` metadata copy, then the
     volume copied with the changed blocks laid over it and hashed as it is written. None: not possible
@@ -563,7 +597,7 @@ def _overlay_build(
         return None
     try:
         ExtFs(meta, name=f"root filesystem ({root.name})").write_files(
-            files, workdir=tmp, label=label, symlinks=links
+            files, workdir=tmp, label=label, symlinks=links, xattrs=xattrs
         )
         # e2image writes whole host blocks, so its data ranges also cover unrelated filesystem blocks
         # (as zeros): only the blocks the changes really touched are laid over the source.

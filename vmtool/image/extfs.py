@@ -247,6 +247,15 @@ class ExtFs:
                 )
         return cmds
 
+    def get_xattr(self, path: str, name: str) -> bytes | None:
+        """The value of extended attribute `name` of `path` (not following a final symlink), or None."""
+        if self.lstat(path) is None:
+            return None
+        with tempfile.TemporaryDirectory(prefix=".vmtool-xattr-") as td:
+            out = Path(td) / "v"
+            self._debugfs(f'ea_get -f "{_q(os.fspath(out))}" "{_q(path)}" {name}')
+            return out.read_bytes() if out.exists() else None
+
     def set_label(self, label: str) -> None:
         self._cache.clear()
         self._listed.clear()

@@ -187,11 +187,15 @@ def build(
     *,
     label: str,
     ssh_keys: bytes,
-    prepare: Callable[[GuestTree], tuple[dict[str, tuple[bytes, int]], dict[str, str]]],
+    prepare: Callable[
+        [GuestTree, Callable[[str], bytes | None]],
+        tuple[dict[str, tuple[bytes, int]], dict[str, str], dict[str, bytes]],
+    ],
     kernel_version: str | None,
     config_dir: Path | None = None,
 ) -> tuple[Kernel, Path, Path, str | None, str]:
-    """prepare(tree): the files and symlinks to write, decided once the guest's tree can be read."""
+    """prepare(tree, existing_label): the files, symlinks and SELinux labels to write, decided once the
+    guest's tree can be read."""
     root = layout.root
     assert root is not None
     if root.unsupported:
@@ -244,13 +248,27 @@ def build(
             except ImageError:
                 pass
             all_files[AUTHORIZED_KEYS] = (existing + ssh_keys, 0o600)
-        files, links = prepare(tree)
+        def old_label(path: str) -> bytes | None:
+            if reader.lstat(path) is None:
+                return None
+            try:
+                for x in g.lgetxattrs(path):
+                    if x["attrname"] == "security.selinux":
+                        v = x["attrval"]
+                        return v if isinstance(v, bytes) else str(v).encode()
+            except RuntimeError:
+                return None
+            return None
+
+        files, links, xattrs = prepare(tree, old_label)
         all_files.update(files)
         _write(g, all_files)
         for gpath, target in sorted(links.items()):
             norm = _norm(gpath)
             _write_dirs(g, norm)
             g.ln_sf(target, norm)
+        for gpath, value in sorted(xattrs.items()):
+            g.lsetxattr("security.selinux", value, len(value), _norm(gpath))
         if layout.boot is not None:
             g.mount_ro(_device(g, layout.boot), "/boot")
         kernel = choose_kernel(list_kernels(tree), kernel_version)
