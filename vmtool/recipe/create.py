@@ -39,6 +39,7 @@ def create_disk(
         else:
             kernels = []  # the distribution's own, in the tree's /boot
             debian.unpack_tree(debian.tree_tarball(recipe, cache, work), tree)
+            (tree / "etc/hostname").write_text(recipe.tree.hostname + "\n")
         facts = make_whole_disk(
             out,
             tree=tree,

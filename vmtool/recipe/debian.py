@@ -38,8 +38,7 @@ def tree_tarball(recipe: Recipe, cache: Path | None, workdir: Path) -> Path:
     os.close(fd)
     tmp = Path(tmpname)
     t = recipe.tree
-    hooks = [f'echo {shlex.quote(t.hostname)} > "$1/etc/hostname"']
-    hooks += [f'chroot "$1" sh -ec {shlex.quote(line)}' for line in t.customize]
+    hooks = [f'chroot "$1" sh -ec {shlex.quote(line)}' for line in t.customize]
     cmd = ["mmdebstrap", "--quiet", f"--variant={t.variant}"]
     if t.packages:
         cmd.append("--include=" + ",".join(t.packages))

@@ -76,7 +76,9 @@ class Recipe:
 
     def tree_key(self) -> str:
         """What identifies the made tree in a cache: a change to the tree part of the recipe changes it."""
-        text = json.dumps(asdict(self.tree), sort_keys=True)
+        spec = asdict(self.tree)
+        spec.pop("hostname")  # written when the disk is made, not part of the cached tree
+        text = json.dumps(spec, sort_keys=True)
         return f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
