@@ -109,3 +109,28 @@ def test_debian_sysvinit_reaches_its_runlevel_and_runs_items(
         res["runlevel"]
     )
     assert res["tools"]["stdout"] == "/usr/bin/dash\nmawk\ncoreutils\n12\n", res["tools"]
+
+
+def test_debian_dracut_xfs_root_on_lvm_builds_with_guestfs_and_runs_items(
+    beanstalkd: BeanstalkServer,
+    libvirt_uri: str,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from tests.fixtures.distros import distro_disk
+
+    disk, facts = distro_disk("debian-12-dracut-xfs", tmp_path_factory)
+    assert facts["fstype"] == "xfs" and facts["vg"] == "rl"
+    manifest = distro_build(disk, tmp_path_factory)
+    m = json.loads(manifest.read_text())
+    assert m["build"]["backend"] == "guestfs" and m["rootfs"]["fstype"] == "xfs"
+    assert m["guest"]["init"]["kind"] == "systemd" and m["guest"]["initrd"]["generator"] == "dracut"
+    res = _run_items(
+        beanstalkd,
+        manifest,
+        libvirt_uri,
+        tmp_path,
+        [Item("state", ["sh", "-c", "systemctl is-system-running --wait; findmnt -no FSTYPE /"]), TOOLS],
+    )
+    assert res["state"]["stdout"] == "running\nxfs\n", res["state"]
+    assert res["tools"]["stdout"] == "/usr/bin/dash\nmawk\ncoreutils\n12\n", res["tools"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 import uuid as uuidlib
 from collections.abc import Iterator, Sequence
@@ -87,15 +88,22 @@ def _xfs_protofile(tree: Path, proto: Path) -> None:
         for entry in sorted(d.iterdir(), key=lambda p: p.name):
             ind = " " * depth
             st = entry.lstat()
-            perm = f"{st.st_mode & 0o777:03o}"
+            # type, setuid, setgid, permissions, owner: a distribution tree keeps its owners and su bits
+            su = ("u" if st.st_mode & 0o4000 else "-") + ("g" if st.st_mode & 0o2000 else "-")
+            perm = f"{su}{st.st_mode & 0o777:03o} {st.st_uid} {st.st_gid}"
             if entry.is_symlink():
-                lines.append(f"{ind}{entry.name} l--{perm} 0 0 {os.readlink(entry)}")
+                lines.append(f"{ind}{entry.name} l{perm} {os.readlink(entry)}")
             elif entry.is_dir():
-                lines.append(f"{ind}{entry.name} d--{perm} 0 0")
+                lines.append(f"{ind}{entry.name} d{perm}")
                 walk(entry, depth + 1)
                 lines.append(f"{ind}$")
             elif entry.is_file():
-                lines.append(f"{ind}{entry.name} ---{perm} 0 0 {entry}")
+                lines.append(f"{ind}{entry.name} -{perm} {entry}")
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                kind = "c" if stat.S_ISCHR(st.st_mode) else "b"
+                lines.append(f"{ind}{entry.name} {kind}{perm} {os.major(st.st_rdev)} {os.minor(st.st_rdev)}")
+            elif stat.S_ISFIFO(st.st_mode):
+                lines.append(f"{ind}{entry.name} p{perm}")
 
     walk(tree, 1)
     lines.append("$")
