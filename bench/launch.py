@@ -8,6 +8,13 @@ elsewhere hits both alike.
 vmtool runs as a job would: in a fake slot cgroup (made here in each cgroup v1 hierarchy, removed
 afterwards; the direct qemu runs in a sibling cgroup with the same CPU weight), through the system libvirtd (started here, and stopped afterwards, if none answers).
 Exits 1 if the limit is not met. Scratch files go to $VMTOOL_BENCH_DIR (default /var/tmp).
+
+`bench/launch.py --network` (issue 14, root): download throughput of a 256 MiB file into the guest
+(an HTTP/1.0 request over busybox nc, timed in the guest from /proc/uptime) from an HTTP server in a network namespace made
+here (tests/fixtures/netlab.py; no other address is used), three ways in one run: `--network nat`,
+`--network nat` with vmtool's counters disabled (same namespace, NAT and policy, no accounting
+chains), and user-mode networking. Prints nat/user and counted/uncounted; the accounting must cost
+< 5% (counted/uncounted throughput >= 0.95). BENCH_NET_RUNS rounds (default 1), median.
 """
 
 from __future__ import annotations
@@ -131,5 +138,72 @@ def _bench(work: Path) -> int:
             slot.remove()
 
 
+NET_MIB = 256
+NET_RUNS = int(os.environ.get("BENCH_NET_RUNS", "1"))
+NET_LIMIT = 0.95
+
+
+def time_download(manifest: Path, img: Path, work: Path, network: str, counters: bool) -> float:
+    """MiB/s of the guest's download, as the guest timed it."""
+    from vmtool import manifest as mf
+    from vmtool.domain.policy import BootFiles, RenderOptions
+    from vmtool.launch import LaunchSpec, launch
+    from vmtool.launch.netns import NetOptions
+
+    opts = RenderOptions(sandbox=work, boot=BootFiles.of(mf.load(manifest)), disks=(overlay(img, work / "n.qcow2"),),
+                         memory_mib=MEMORY_MIB, network=network,
+                         console_log=work / f"{network}-{'counted' if counters else 'uncounted'}.console.log")
+    report = launch(LaunchSpec(opts, uri=URI, use_cgroup=False, timeout=1200, net=NetOptions(counters=counters)))
+    text = report.console_log.read_text(errors="replace")
+    for line in text.splitlines():
+        if "vmtool-bench: download" in line:
+            f = line.split("vmtool-bench: download")[1].split()
+            got, t0, t1 = int(f[0]), float(f[1]), float(f[2])
+            if got <= NET_MIB << 20:
+                raise SystemExit(f"{network}: the guest got {got} bytes")
+            if network == "nat" and counters and (report.stats.net_rx_bytes or 0) < got:
+                raise SystemExit(f"nat: only {report.stats.net_rx_bytes} bytes counted")
+            rate = NET_MIB / max(t1 - t0, 0.01)
+            print(f"  {network}{'' if counters else ' (counters off)'}: {rate:.2f} MiB/s", flush=True)
+            return rate
+    raise SystemExit(f"{network}: no download in the guest:\n{text[-1500:]}")
+
+
+def bench_network(work: Path) -> int:
+    from tests.fixtures.netlab import PORT, _make, _remove
+    from tests.system.test_launch_network import NET_UP
+
+    lan = _make("b", f"10.202.{os.getpid() % 250 + 1}", work)
+    try:
+        get = ("read t0 _ < /proc/uptime; "
+               f"n=$(printf 'GET /bytes/{NET_MIB << 20} HTTP/1.0\\r\\n\\r\\n' | nc {lan.addr} {PORT} | wc -c); "
+               "read t1 _ < /proc/uptime; echo \"vmtool-bench: download $n $t0 $t1\"\n")
+        # user-mode networking has no DHCP of vmtool's but the same addresses: udhcpc gets them from slirp
+        manifest, img = make_guest(work, "netbench", {"10-net": NET_UP, "20-get": "#!/bin/sh\n" + get})
+        nat, bare, user = [], [], []
+        for _ in range(NET_RUNS):
+            nat.append(time_download(manifest, img, work, "nat", True))
+            bare.append(time_download(manifest, img, work, "nat", False))
+            user.append(time_download(manifest, img, work, "user", True))
+        n, b, u = statistics.median(nat), statistics.median(bare), statistics.median(user)
+        print(f"network: nat {n:.1f} MiB/s / user-mode {u:.1f} MiB/s = {n / u:.2f} "
+              f"({NET_MIB} MiB into a TCG guest, median of {NET_RUNS})")
+        print(f"network accounting: counted {n:.1f} MiB/s / uncounted {b:.1f} MiB/s = {n / b:.2f} "
+              f"(limit >= {NET_LIMIT}) {'OK' if n / b >= NET_LIMIT else 'FAIL'}")
+        return 0 if n / b >= NET_LIMIT else 1
+    finally:
+        _remove(lan)
+
+
+def main_network() -> int:
+    base = Path(os.environ.get("VMTOOL_BENCH_DIR", "/var/tmp"))
+    work = Path(tempfile.mkdtemp(prefix="vmtool-bench-net.", dir=base))
+    try:
+        with shared_libvirtd():
+            return bench_network(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_network() if "--network" in sys.argv[1:] else main())

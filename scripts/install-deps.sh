@@ -9,7 +9,8 @@ DEB_PACKAGES=(
     libvirt-daemon-system libvirt-clients python3-libvirt
     libguestfs-tools python3-guestfs
     linux-image-amd64 busybox-static
-    beanstalkd
+    beanstalkd squid
+    nftables dnsmasq-base
     e2fsprogs xfsprogs fdisk gdisk lvm2 dosfstools mtools
     ovmf systemd-boot-efi binutils
     openssh-server openssh-client openssl tar gzip curl

@@ -18,6 +18,8 @@ pytest_plugins = [
     "tests.fixtures.libvirtd",
     "tests.fixtures.beanstalk",
     "tests.fixtures.cloud",
+    "tests.fixtures.squid",
+    "tests.fixtures.slotuser",
     "tests.fixtures.distros",
 ]
 

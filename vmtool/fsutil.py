@@ -81,3 +81,77 @@ def os_error(e: OSError, what: str) -> VmtoolError:
     if e.errno in (errno.EACCES, errno.EPERM):
         return VmtoolError(f"{what}: permission denied", hint="check ownership and permissions")
     return VmtoolError(f"{what}: {e.strerror or e}")
+
+
+def unsafe_dir(path: str | os.PathLike[str], *, writer_ok: bool = False) -> str | None:
+    """Why a directory may not hold files another user must trust (None: it is safe).
+
+    Safe: a real directory (no symlink) owned by this user or root, and writable by nobody else - unless
+    `writer_ok` and it has the sticky bit (then others may add files but not replace ours).
+    """
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return e.strerror or str(e)
+    import stat
+
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a directory"
+    if st.st_uid not in (0, os.geteuid()):
+        return f"it is owned by uid {st.st_uid}, another user"
+    if st.st_mode & 0o022 and not (writer_ok and st.st_mode & stat.S_ISVTX):
+        return f"it is writable by {'group and others' if st.st_mode & 0o002 else 'its group'} (mode " \
+               f"{stat.S_IMODE(st.st_mode):04o}) without the sticky bit"
+    return None
+
+
+def private_dir(path: str | os.PathLike[str]) -> Path:
+    """Create (or check) a directory only this user can use: mode 0700, owned by us, not a symlink."""
+    p = Path(path)
+    try:
+        p.mkdir(mode=0o700, parents=False, exist_ok=True)
+    except FileNotFoundError:
+        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        p.mkdir(mode=0o700, exist_ok=True)
+    import stat
+
+    st = os.lstat(p)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise VmtoolError(f"{p} is not a directory owned by this user (uid {os.geteuid()})",
+                          hint=f"remove {p}, or set XDG_CACHE_HOME to a directory of your own")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(p, 0o700)
+    return p
+
+
+def user_cache_dir() -> Path:
+    """This user's vmtool cache, created 0700 on first use and independent of a foreign $HOME.
+
+    root: /var/cache/vmtool. Others: $XDG_CACHE_HOME/vmtool, else ~/.cache/vmtool when $HOME is this
+    user's own, else /var/tmp/vmtool-<uid>. HTCondor runs file-transfer plugins as the job user but with
+    the starter's environment (HOME=/root), so the last one is what a plugin gets with no setup.
+    """
+    if os.geteuid() == 0:
+        return Path("/var/cache/vmtool")
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg) and _mine(Path(xdg)):
+        return Path(xdg) / "vmtool"
+    home = os.environ.get("HOME") or ""
+    if home and os.path.isabs(home) and _mine(Path(home)):
+        return Path(home) / ".cache" / "vmtool"
+    return Path("/var/tmp") / f"vmtool-{os.geteuid()}"
+
+
+def _mine(p: Path) -> bool:
+    """p exists (or can exist under an existing parent of ours) and belongs to this user."""
+    for q in (p, *p.parents):
+        try:
+            st = os.stat(q)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+        return st.st_uid == os.geteuid() and os.access(q, os.W_OK | os.X_OK)
+    return False

@@ -58,6 +58,8 @@ PACKAGES = {
     "virtlogd": "libvirt-daemon-system",
     "openssl": "openssl",
     "objcopy": "binutils",
+    "nft": "nftables",
+    "dnsmasq": "dnsmasq-base",
 }
 
 

@@ -140,27 +140,24 @@ def test_cache_default_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert default_cache_dir() == expected
 
 
-def test_group_writable_cache_stays_group_writable(
+def test_group_writable_cache_needs_the_sticky_bit_and_stays_shared(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import stat
 
     cache = tmp_path / "cache"
     cache.mkdir()
-    os.chmod(cache, 0o2775)
     (src,) = make_bases(tmp_path, 1)
+    args = ["stage", os.fspath(src), "--into", os.fspath(tmp_path / "j"), "--cache", os.fspath(cache), "--json"]
+    # group-writable without sticky: any member could replace a base another member's VM boots
+    os.chmod(cache, 0o2775)
+    rc, _res, err = vm(capsys, *args)
+    assert rc == 1 and "has unsafe permissions" in err and "chmod +t" in err, err
+    assert list(cache.iterdir()) == [] and not (tmp_path / "j").exists()
+    os.chmod(cache, 0o3775)
     old = os.umask(0o022)
     try:
-        rc, res, err = vm(
-            capsys,
-            "stage",
-            os.fspath(src),
-            "--into",
-            os.fspath(tmp_path / "j"),
-            "--cache",
-            os.fspath(cache),
-            "--json",
-        )
+        rc, res, err = vm(capsys, *args)
     finally:
         os.umask(old)
     assert rc == 0, err
@@ -169,9 +166,9 @@ def test_group_writable_cache_stays_group_writable(
     def mode(p: Path) -> int:
         return stat.S_IMODE(p.stat().st_mode)
 
-    assert all(mode(cache / d) == 0o2775 for d in ("bases", "used", "index", "refs", "locks", "tmp"))
-    assert mode(cache / "refs" / sha) == 0o2775
+    assert all(mode(cache / d) == 0o3775 for d in ("bases", "used", "index", "refs", "locks", "tmp"))
+    assert mode(cache / "refs" / sha) == 0o3775
     assert mode(cache / "used" / sha) == 0o666
     assert all(mode(p) == 0o666 for p in (cache / "locks").iterdir())
-    assert all(mode(p) == 0o664 for p in (cache / "index").iterdir())
+    assert all(mode(p) == 0o644 for p in (cache / "index").iterdir())
     assert mode(cache / "bases" / f"{sha}.qcow2") == 0o444

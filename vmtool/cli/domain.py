@@ -27,11 +27,13 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
                    help="memory limit of the VM's cgroup (default: guest memory + qemu's overhead)")
     p.add_argument("--machine-ad", type=Path, metavar="FILE",
                    help="the slot's machine ClassAd (default: $_CONDOR_MACHINE_AD)")
-    p.add_argument("--uri", default="qemu:///system", help="libvirt URI (default: %(default)s)")
+    p.add_argument("--uri", help="libvirt URI (default: qemu:///system for root; for other users "
+                                 "qemu:///session, served by a private libvirtd vmtool starts and stops)")
     p.add_argument("--sandbox", type=Path, help="the job's directory (default: $_CONDOR_SCRATCH_DIR or .)")
     p.add_argument("--name", help="domain name (default: vmtool-<job id or pid>-<random>)")
     p.add_argument("--network", default="user",
-                   help="'user' (user-mode networking, default), 'none', or a libvirt network name")
+                   help="'user' (user-mode networking, default), 'none', 'nat' (the VM's own network namespace "
+                        "with NAT, accounting and --allow-net; root, see docs/launch.md), or a libvirt network name")
     p.add_argument("--graphics", action="store_true", help="keep VNC/SPICE graphics, bound to 127.0.0.1")
     p.add_argument("--console-log", type=Path, help="serial console file (default: SANDBOX/NAME.console.log)")
     p.add_argument("--append", action="append", default=[], metavar="ARG",
@@ -91,8 +93,9 @@ def _render(args: argparse.Namespace) -> int:
         host = HostFacts(emulator, arch, machines, types, kvm, why)
     else:
         from vmtool.launch.host import host_facts
+        from vmtool.launch.libvirtconn import default_uri
 
-        host = host_facts(args.uri)
+        host = host_facts(args.uri or default_uri())
         if args.accel:
             host = dataclasses.replace(host, kvm=args.accel == "kvm", kvm_reason=f"--accel {args.accel}")
     source = None

@@ -13,6 +13,7 @@ from pathlib import Path
 from vmtool.cli.domain import add_render_options, render_options_of
 from vmtool.cli.output import add_json_flag, emit, warn
 from vmtool.errors import LaunchError, VmtoolError
+from vmtool.launch.netns import Allow, NetOptions
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -33,6 +34,28 @@ def _signals_to(stop: threading.Event) -> Iterator[None]:
             signal.signal(s, h)
 
 
+def add_net_options(p: argparse.ArgumentParser) -> None:
+    """Options of --network nat, shared by `vmtool launch` and `vmtool queue work`."""
+    p.add_argument("--allow-net", action="append", default=[], metavar="CIDR[:PORT]",
+                   help="with --network nat: a destination the guest may reach (repeatable); everything else "
+                        "is dropped and counted. Default: every destination. DNS only to vmtool's resolver")
+    p.add_argument("--lan-net", action="append", default=[], metavar="CIDR",
+                   help="with --network nat: a prefix counted as LAN (repeatable; default: RFC 1918 and the "
+                        "host's own subnets)")
+    p.add_argument("--chirp", action="store_true",
+                   help="with --network nat: put the network figures into the job's ad while it runs "
+                        "(condor_chirp set_job_attr; the job needs +WantIOProxy = true)")
+
+
+def net_options_of(args: argparse.Namespace, network: str) -> NetOptions:
+    """The NetOptions the flags ask for; an error if they are given without --network nat."""
+    if network != "nat" and (args.allow_net or args.lan_net or args.chirp):
+        raise LaunchError("--allow-net, --lan-net and --chirp need --network nat",
+                          hint="add --network nat (the VM's own namespace with accounting)")
+    return NetOptions(allow=tuple(Allow.parse(a) for a in args.allow_net),
+                      lan=tuple(NetOptions.parse_lan(n) for n in args.lan_net))
+
+
 def _launch(args: argparse.Namespace) -> int:
     from vmtool.fsutil import write_atomic
     from vmtool.launch import LaunchSpec, launch
@@ -43,10 +66,12 @@ def _launch(args: argparse.Namespace) -> int:
         raise LaunchError("--timeout must be positive")
     stop = threading.Event()
     try:
+        net = net_options_of(args, args.network)  # before the manifest is read: bad flags fail first
         spec = LaunchSpec(
             render=render_options_of(args), domain_xml=Path(args.domain) if args.domain else None,
             timeout=args.timeout, uri=args.uri, use_cgroup=not args.no_cgroup, cgroup_parent=args.cgroup_parent,
-            machine_ad=args.machine_ad, grace=args.grace,
+            machine_ad=args.machine_ad, grace=args.grace, net=net,
+            chirp=args.chirp,
         )
         with _signals_to(stop):
             report = launch(spec, stop=stop)
@@ -87,5 +112,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--cgroup-parent", metavar="PATH",
                    help="cgroup path (relative to the hierarchy roots) to use instead of the job's own")
     p.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of the run here")
+    add_net_options(p)
     add_json_flag(p)
     p.set_defaults(func=_launch)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vmtool.cli.launch import add_net_options, net_options_of
 from vmtool.cli.output import add_json_flag, emit, warn
 from vmtool.errors import QueueError
 
@@ -103,13 +104,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     w.add_argument("--workdir", type=Path, help="where overlays and sockets live (default: a temp dir here)")
     w.add_argument("--no-cgroup", action="store_true", help="leave the VMs where libvirt puts them")
     w.add_argument("--cgroup-parent", help="slot cgroup for the VMs (default: this process's own)")
-    w.add_argument("--uri", default="qemu:///system", help="libvirt URI")
+    w.add_argument("--uri", help="libvirt URI (default: qemu:///system for root, qemu:///session otherwise)")
     w.add_argument(
         "--network",
         default=None,
-        help="guest network: 'none' (relay default: no route anywhere), 'user' (direct default), or a "
-        "libvirt network",
+        help="guest network: 'none' (relay default: no route anywhere), 'user' (direct default), 'nat' "
+        "(each VM in its own network namespace, counted and limited by --allow-net; root), or a libvirt network",
     )
+    add_net_options(w)
     w.set_defaults(func=_work)
 
     def usage(a: argparse.Namespace) -> int:
@@ -245,6 +247,7 @@ def _work(args: argparse.Namespace) -> int:
             )
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vmtool-work-", dir=".")))
+        network = args.network or ("user" if args.mode == "direct" else "none")
         factory = VMFactory(
             image,
             workdir,
@@ -253,7 +256,8 @@ def _work(args: argparse.Namespace) -> int:
             use_cgroup=not args.no_cgroup,
             cgroup_parent=args.cgroup_parent,
             uri=args.uri,
-            network=args.network or ("user" if args.mode == "direct" else "none"),
+            network=network,
+            net=net_options_of(args, network),
         )
         opts = WorkerOptions(
             addr,

@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--cache",
         metavar="DIR",
-        help="cache directory (default: $VMTOOL_CACHE, /var/cache/vmtool for root, else ~/.cache/vmtool)",
+        help="cache directory (default: $VMTOOL_CACHE, /var/cache/vmtool for root, else your own: "
+        "$XDG_CACHE_HOME/vmtool, ~/.cache/vmtool or /var/tmp/vmtool-UID; a root-owned /var/cache/vmtool "
+        "is read first)",
     )
     p.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
     p.add_argument(
@@ -42,8 +44,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_json_flag(p)
     p.set_defaults(func=_stage)
 
-    c = sub.add_parser("cache", help="list or prune the node-local image cache")
+    c = sub.add_parser("cache", help="add to, list or prune the node-local image cache")
     csub = c.add_subparsers(dest="cache_command", metavar="ACTION", required=True, parser_class=type(c))
+    ap = csub.add_parser("add", help="fetch and verify a base into the cache (no overlay)",
+                         description="Fetch SOURCE into the cache once, verified. Run as root on "
+                         "/var/cache/vmtool (mode 0755) to give every job user a base they may trust.")
+    ap.add_argument("source", metavar="SOURCE")
+    ap.add_argument("--cache", metavar="DIR", help="cache directory")
+    ap.add_argument("--sha256", metavar="HEX", help="expected sha256 of the base image")
+    ap.add_argument("--format", choices=("raw", "qcow2"), help="format of the base (default: detect)")
+    ap.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
+    ap.add_argument("--accept-new-host-key", action="store_true",
+                    help="sftp: trust and record a host key not yet in known_hosts")
+    ap.add_argument("--timeout", type=float, metavar="SECONDS", help="give up fetching after this long")
+    add_json_flag(ap)
+    ap.set_defaults(func=_add)
     lp = csub.add_parser("list", help="list cached bases, least recently used first")
     lp.add_argument("--cache", metavar="DIR", help="cache directory")
     add_json_flag(lp)
@@ -73,6 +88,22 @@ def _stage(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout if args.timeout else None
     res = stage(src, args.into, cache, name=args.name, force=args.force, deadline=deadline)
     emit(args, res.to_dict(), str(res.overlay))
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    from vmtool.stage.cache import Cache
+    from vmtool.stage.sources import parse_source
+    from vmtool.stage.stage import add_to_cache
+
+    src = parse_source(args.source, endpoint_url=args.endpoint_url, accept_new_host_key=args.accept_new_host_key,
+                       fmt=args.format, sha256=args.sha256)
+    cache = Cache.open(args.cache)
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    res = add_to_cache(src, cache, deadline=deadline)
+    d = res.to_dict()
+    del d["overlay"]
+    emit(args, d, f"{res.base} ({'already cached' if res.cache_hit else 'fetched'})")
     return 0
 
 

@@ -467,8 +467,18 @@ def _usage(msg: str) -> int:
     return EXIT_FAIL
 
 
+def job_aws_environment(env: dict[str, str] | os._Environ[str]) -> None:
+    """VMTOOL_AWS_<X> -> AWS_<X>. Of the job's environment the starter passes only VMTOOL_* to this
+    plugin (its file name makes it VMTOOL), so a job's S3 credentials, region, profile, credentials
+    file or endpoint come this way; they override the starter's own AWS_* (docs/condor.md)."""
+    for k, v in list(env.items()):
+        if k.startswith("VMTOOL_AWS_") and len(k) > len("VMTOOL_AWS_"):
+            env[k[len("VMTOOL_"):]] = v
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    job_aws_environment(os.environ)
     if args == ["-classad"]:
         sys.stdout.write(unparse_old(capability_ad()))
         sys.stdout.flush()

@@ -95,6 +95,8 @@ class Interface(XMLObject):
     mac = XMLProperty("./mac/@address", after=())
     model = XMLProperty("./model/@type")
     source_network = XMLProperty("./source/@network")
+    target_dev = XMLProperty("./target/@dev")
+    target_managed = XMLProperty("./target/@managed")
 
     def remove_children_except(self, keep: set[str]) -> list[tuple[str, str]]:
         """Remove every child not named in `keep`; (tag, host path or device it named) of each."""

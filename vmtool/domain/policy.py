@@ -13,7 +13,8 @@ Rules, in the order `render()` applies them:
 - boot: the build's kernel, initrd and command line when given (`BootFiles`);
 - disks with device='disk' become the staged overlays in order (explicit qcow2 driver); every other
   disk or cdrom reading a host path outside the sandbox is removed, as are block/network/volume disks;
-- NICs become user-mode networking (or a named libvirt network, or none), with new MACs;
+- NICs become user-mode networking (or a named libvirt network, or none, or with 'nat' a tap vmtool
+  made, managed='no', in front of the VM's own network namespace), with new MACs;
 - serial/console/parallel/channel devices backed by host files, devices, sockets or the network
   outside the sandbox are removed; the serial console goes to a file in the sandbox;
 - graphics are removed (or, with graphics=True, bound to 127.0.0.1) with what depends on them
@@ -54,6 +55,7 @@ TCG_CPU_MODEL = "qemu64"
 DEFAULT_MEMORY_MIB = 512
 VMTOOL_PREFIX = "vmtool"
 DISK_BUS_PREFIX = {"virtio": "vd", "sata": "sd", "ide": "hd"}
+NAT_TAP_PLACEHOLDER = "vmt-tap"  # what `vmtool domain render --network nat` shows; launch names the real one
 BLOCK_DISK_TYPES = ("block", "network", "volume", "nvme", "vhostuser", "vhostvdpa", "dir")
 
 
@@ -87,7 +89,8 @@ class RenderOptions:
     boot: BootFiles | None = None
     console_log: Path | None = None
     channels: tuple[tuple[str, Path], ...] = ()
-    network: str = "user"  # "user", "none" or the name of a libvirt network
+    network: str = "user"  # "user", "none", "nat" (vmtool.launch.netns) or the name of a libvirt network
+    tap: str | None = None  # with network="nat": the tap vmtool made for qemu (None: a placeholder name)
     graphics: bool = False
     extra_cmdline: tuple[str, ...] = ()
     run_as: tuple[int, int] | None = None  # (uid, gid) qemu runs as; None: this process's
@@ -243,16 +246,16 @@ class _Renderer:
             cmdline = boot.cmdline.split()
             if not any(a.startswith("console=") for a in cmdline):
                 cmdline.append("console=ttyS0")
-            cmdline += list(self.opts.extra_cmdline)
+            cmdline += kernel_words(self.opts.extra_cmdline)
             d.os_kernel = str(boot.kernel)
             d.os_initrd = str(boot.initrd)
-            d.os_cmdline = shlex.join(cmdline) if any(" " in a for a in cmdline) else " ".join(cmdline)
+            d.os_cmdline = kernel_cmdline(cmdline)
             self.change(f"direct kernel boot from {boot.kernel}")
         elif self.opts.extra_cmdline:
             if d.os_kernel is None:
                 raise DomainError("extra kernel arguments need direct kernel boot",
                                   hint="give --manifest, or drop the extra kernel arguments")
-            d.os_cmdline = " ".join([d.os_cmdline or "", *self.opts.extra_cmdline]).strip()
+            d.os_cmdline = " ".join([d.os_cmdline or "", kernel_cmdline(kernel_words(self.opts.extra_cmdline))]).strip()
         d.on_poweroff = "destroy"
         d.on_crash = "destroy"
         if d.on_reboot is None:
@@ -340,6 +343,13 @@ class _Renderer:
         if self.opts.network == "user":
             nic.type = "user"
             nic.source_network = None
+            nic.target_dev = None
+        elif self.opts.network == "nat":
+            # A tap vmtool made beforehand (managed='no': libvirt neither creates nor deletes it);
+            # the guest's own network namespace is behind it (vmtool.launch.netns).
+            nic.type = "ethernet"
+            nic.source_network = None
+            nic.target_dev, nic.target_managed = self.opts.tap or NAT_TAP_PLACEHOLDER, "no"
         else:
             nic.type = "network"
             nic.source_network = self.opts.network
@@ -379,6 +389,10 @@ class _Renderer:
                 a.remove()
 
     def seclabel(self) -> None:
+        if "dac" not in self.host.secmodels:
+            # qemu:///session runs qemu as the caller and refuses a DAC label ("Security driver model
+            # 'dac' is not available"); qemu then has exactly the job user's rights.
+            return
         uid, gid = self.opts.run_as or (os.getuid(), os.getgid())
         sec = self.dom.seclabels.add(type="static", model="dac", relabel="no")
         sec.label = f"+{uid}:+{gid}"
@@ -436,6 +450,32 @@ def _check_overlay(p: Path) -> None:
     if magic != b"QFI\xfb":
         raise DomainError(f"disk {p} is not a qcow2 image",
                           hint="make an overlay: qemu-img create -f qcow2 -F raw -b BASE OVERLAY.qcow2")
+
+
+def kernel_words(args: tuple[str, ...] | list[str]) -> list[str]:
+    """Each --append ARG split into words the shell's way: "a=1 b" is two arguments, 'm="x y"' one."""
+    out: list[str] = []
+    for a in args:
+        try:
+            out += shlex.split(a)
+        except ValueError as e:
+            raise DomainError(f"--append {a!r}: {e}", hint='close the quote, e.g. --append \'msg="a b"\'') from None
+    return out
+
+
+def kernel_cmdline(words: list[str]) -> str:
+    """Join words the way the kernel parses them (parse_args): it knows double quotes, not single
+    ones, and cannot escape a double quote; a value with blanks becomes key="value"."""
+    out = []
+    for w in words:
+        if '"' in w:
+            raise DomainError(f"kernel argument {w!r} contains a double quote, which the kernel cannot parse",
+                              hint="drop the quote from the argument")
+        if any(c.isspace() for c in w):
+            key, eq, value = w.partition("=")
+            w = f'{key}="{value}"' if eq and key and not any(c.isspace() for c in key) else f'"{w}"'
+        out.append(w)
+    return " ".join(out)
 
 
 def render(source: bytes | str | None, opts: RenderOptions, host: HostFacts, slot: Slot) -> Rendered:

@@ -23,7 +23,8 @@ Public API (used by `vmtool launch` and by the queue worker, which may run 1-2 V
         ),
         domain_xml=None,                        # a domain XML from elsewhere (rendered for this host)
         timeout=3600.0,                         # seconds; None = no limit
-        uri="qemu:///system",
+        uri=None,                               # None: qemu:///system for root, else qemu:///session
+                                                #   served by a private libvirtd this process starts
         use_cgroup=True,                        # False = --no-cgroup (VM stays where libvirt puts it)
         cgroup_parent=None,                     # None: the job's own cgroup (/proc/self/cgroup); or a
                                                 #   path relative to the hierarchy roots
@@ -39,7 +40,8 @@ Public API (used by `vmtool launch` and by the queue worker, which may run 1-2 V
         vm.destroy()
         vm.stats()                              # -> VMStats: cpu_seconds, peak_memory_bytes, disk/net bytes
         vm.is_running()                         # False once libvirt reported the domain stopped
-    # on leaving the block: domain destroyed if still there, cgroup removed, whatever happened.
+    # on leaving the block: domain destroyed if still there, cgroup removed, session daemon stopped.
+    # vm.cgroup_mode: moved (root), delegated (an owned cgroup v2 subtree), inherited, none
 
     report = launch(spec, stop=threading.Event())  # whole run for the CLI -> LaunchReport (.to_dict())
 
@@ -50,7 +52,7 @@ ExitReason.X.exit_code is what `vmtool launch` exits with (0, 124, 5, 4, 143; do
 The domain is transient, started paused and with AUTODESTROY (if the process dies, libvirt destroys it).
 
 Modules: `host` (HostFacts: libvirt capabilities, the host's kernel, the KVM probe and its cache), `cgroups` (the only writer of
-/sys/fs/cgroup), `vm` (LaunchSpec, RunningVM, start, launch). The domain XML itself is made by
+/sys/fs/cgroup), `vm` (LaunchSpec, RunningVM, start, launch), `libvirtconn` (connections, the private session daemon). The domain XML itself is made by
 `vmtool.domain` (`render`).
 """
 

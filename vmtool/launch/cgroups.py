@@ -10,6 +10,16 @@ The slot's cgroup is the job's own: v1, the path of each hierarchy in /proc/self
 unified path, or its parent when that is a `.scope` (HTCondor puts the job in `<slot>.slice/<slot>.scope`
 and delegates the `.slice`, see htcondor.md section 3). Every function takes the cgroup root and /proc
 as parameters so the logic runs on fake trees in tests.
+
+Which of the four modes a launch uses (`choose_mode`, reported as `cgroup_mode`):
+- moved: root creates the VM's group under the slot's and moves qemu there (any layout, v1 or v2);
+- delegated: a non-root job that really owns a cgroup v2 subtree (HTCondor >= 24.8.1 puts the job in
+  `<slot>.slice/<slot>.scope` and chowns the `.slice` and its subtree_control to the job user) does
+  the same under that `.slice`; detected from the tree, never assumed from a version;
+- inherited: anywhere else (v1, where HTCondor never delegates; v2 with the job in a leaf) qemu is a
+  descendant of the job (the private session daemon forks it) and stays in the job's cgroup; vmtool
+  writes nothing there and only reads the slot's limit and OOM counter (`SlotCgroup`);
+- none: --no-cgroup.
 """
 
 from __future__ import annotations
@@ -355,3 +365,120 @@ def create(name: str, *, memory_bytes: int, cpus: int, layout: Layout | None = N
             pass
         raise
     return cg
+
+
+UNLIMITED = 1 << 60
+
+
+def delegated_slot(*, root: Path = ROOT, proc: Path = PROC, pid: int | str = "self") -> Path | None:
+    """The cgroup v2 subtree this (non-root) job owns and may create VM groups in, or None.
+
+    Only the parent of a `.scope` qualifies (a job directly in a leaf cannot enable controllers for
+    children: no-internal-processes rule), and only when this user may write its cgroup.procs and
+    cgroup.subtree_control and it offers the memory controller."""
+    if not (root / "cgroup.controllers").exists():
+        return None
+    try:
+        _v1, v2 = parse_proc_cgroup((proc / str(pid) / "cgroup").read_text())
+    except OSError:
+        return None
+    if not v2:
+        return None
+    me = root / v2.lstrip("/")
+    if not me.name.endswith(".scope"):
+        return None
+    slot = me.parent
+    if slot == root or not all(os.access(p, os.W_OK) for p in
+                               (slot, slot / "cgroup.procs", slot / "cgroup.subtree_control")):
+        return None
+    try:
+        avail = set(_read(slot / "cgroup.controllers").split())
+    except OSError:
+        return None
+    return slot if set(V2_REQUIRED) <= avail else None
+
+
+def choose_mode(*, use_cgroup: bool, parent: str | None, root: Path = ROOT, proc: Path = PROC) -> tuple[str, str | None]:
+    """(cgroup_mode, parent for create()) for this process: see the module docstring."""
+    if not use_cgroup:
+        return "none", None
+    if os.geteuid() == 0:
+        return "moved", parent
+    if parent is not None:
+        layout = detect(root=root, proc=proc, parent=parent)
+        for d in layout.slot.values():
+            if not os.access(d, os.W_OK):
+                import pwd
+
+                user = pwd.getpwuid(os.geteuid()).pw_name
+                raise CgroupError(f"the slot cgroup {d} (--cgroup-parent) is not writable by {user}",
+                                  hint="the batch system must delegate it to the job user (HTCondor >= 24.8.1 "
+                                       "on cgroup v2 does); or leave --cgroup-parent out and the VM stays in "
+                                       "the job's own cgroup")
+        return "delegated", parent
+    slot = delegated_slot(root=root, proc=proc)
+    if slot is not None:
+        return "delegated", "/" + str(slot.relative_to(root))
+    return "inherited", None
+
+
+@dataclass(frozen=True)
+class SlotCgroup:
+    """The job's own cgroup, read only: its memory limit and how often the kernel OOM-killed in it."""
+
+    layout: Layout
+
+    @classmethod
+    def of_self(cls, *, root: Path = ROOT, proc: Path = PROC) -> SlotCgroup | None:
+        try:
+            return cls(detect(root=root, proc=proc))
+        except CgroupError:
+            return None
+
+    def memory_limit(self) -> int | None:
+        """The tightest memory limit over the slot and its ancestors (bytes), None if unlimited."""
+        if self.layout.version == 2:
+            best = UNLIMITED
+            d = self.layout.slot["unified"]
+            while d != self.layout.root and self.layout.root in d.parents:
+                try:
+                    v = _read(d / "memory.max")
+                    if v != "max":
+                        best = min(best, int(v))
+                except (OSError, ValueError):
+                    pass
+                d = d.parent
+            return None if best >= UNLIMITED else best
+        mem = self.layout.slot.get("memory")
+        if mem is None:
+            return None
+        try:
+            for line in (mem / "memory.stat").read_text().splitlines():
+                k, _, v = line.partition(" ")
+                if k == "hierarchical_memory_limit":
+                    n = int(v)
+                    return None if n >= UNLIMITED else n
+            n = int(_read(mem / "memory.limit_in_bytes"))
+            return None if n >= UNLIMITED else n
+        except (OSError, ValueError):
+            return None
+
+    def oom_kills(self) -> int:
+        try:
+            if self.layout.version == 2:
+                text = (self.layout.slot["unified"] / "memory.events").read_text()
+            else:
+                text = (self.layout.slot["memory"] / "memory.oom_control").read_text()
+        except (OSError, KeyError):
+            return 0
+        for line in text.splitlines():
+            k, _, v = line.partition(" ")
+            if k == "oom_kill":
+                try:
+                    return int(v)
+                except ValueError:
+                    return 0
+        return 0
+
+    def describe(self) -> str:
+        return self.layout.describe()

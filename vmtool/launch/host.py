@@ -6,8 +6,10 @@ the BIOS), so the probe boots the host's kernel with `-accel kvm` and no root fi
 prints "Linux version" on the serial port within a few seconds and panics, and qemu exits
 (-no-reboot, panic=-1). Anything else within the deadline - an abort, a hang, no output - means KVM is
 unusable and vmtool falls back to TCG. The answer is cached, keyed by the host kernel, the qemu binary
-and /dev/kvm, in /var/cache/vmtool/kvm-probe.json (root) or ~/.cache/vmtool/kvm-probe.json;
-VMTOOL_KVM=0|1 overrides the probe (tests, sites that know).
+and /dev/kvm, in the user's vmtool cache (vmtool.fsutil.user_cache_dir: /var/cache/vmtool for root,
+a per-user directory otherwise, even when $HOME is not the user's); VMTOOL_KVM=0|1 overrides the probe
+(tests, sites that know). A non-root user needs read-write access to /dev/kvm (the `kvm` group): without
+it the probe says how to get it and vmtool falls back to TCG, unless VMTOOL_KVM=1 demands KVM.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class HostFacts:
     domain_types: tuple[str, ...] = ("qemu",)
     kvm: bool = False
     kvm_reason: str = ""
+    secmodels: tuple[str, ...] = ("dac",)  # libvirt's security drivers; qemu:///session has no 'dac'
 
     @property
     def accel(self) -> str:
@@ -79,10 +82,17 @@ def newest_host_kernel(boot: Path = Path("/boot")) -> tuple[Path, Path, str]:
 def cache_path() -> Path:
     if os.environ.get("VMTOOL_CACHE_DIR"):
         return Path(os.environ["VMTOOL_CACHE_DIR"]) / "kvm-probe.json"
-    if os.geteuid() == 0:
-        return Path("/var/cache/vmtool/kvm-probe.json")
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "vmtool" / "kvm-probe.json"
+    from vmtool.fsutil import user_cache_dir
+
+    return user_cache_dir() / "kvm-probe.json"
+
+
+def _no_access_reason() -> str:
+    import pwd
+
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    return (f"/dev/kvm is not readable and writable by {user} (add the user to the group of /dev/kvm, "
+            f"usually kvm: usermod -aG kvm {user})")
 
 
 def probe_key(emulator: str) -> str:
@@ -127,12 +137,15 @@ def _run_probe(emulator: str, kernel: Path, deadline: float) -> tuple[bool, str]
 def probe_kvm(emulator: str, *, refresh: bool = False, deadline: float = PROBE_DEADLINE) -> KvmProbe:
     """Whether KVM guests really run here; cached (see the module docstring)."""
     forced = os.environ.get("VMTOOL_KVM")
+    if forced == "1" and os.path.exists("/dev/kvm") and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        raise LaunchError(f"VMTOOL_KVM=1 demands KVM, but {_no_access_reason()}",
+                          hint="or unset VMTOOL_KVM to fall back to TCG")
     if forced in ("0", "1"):
         return KvmProbe(forced == "1", f"VMTOOL_KVM={forced} in the environment", "env", cached=True)
     if not os.path.exists("/dev/kvm"):
         return KvmProbe(False, "/dev/kvm does not exist", "no-dev-kvm", cached=True)
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return KvmProbe(False, "/dev/kvm is not readable and writable by this user", "no-access", cached=True)
+        return KvmProbe(False, _no_access_reason(), "no-access", cached=True)
     key = probe_key(emulator)
     path = cache_path()
     if not refresh:
@@ -146,11 +159,22 @@ def probe_kvm(emulator: str, *, refresh: bool = False, deadline: float = PROBE_D
     usable, reason = _run_probe(emulator, kernel, deadline)
     result = KvmProbe(usable, reason, key)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            from vmtool.fsutil import private_dir
+
+            private_dir(path.parent)
         write_atomic(path, json.dumps(result.to_dict(), indent=2) + "\n")
-    except OSError:
+    except (OSError, VmtoolError):
         pass  # an unwritable cache only costs another probe next time
     return result
+
+
+def parse_secmodels(xml: str) -> tuple[str, ...]:
+    """The security drivers of a libvirt connection (qemu:///session has only 'none', no 'dac')."""
+    root = etree.fromstring(xml.encode())
+    return tuple(m.findtext("model") or "" for m in root.findall("host/secmodel"))
 
 
 def parse_capabilities(xml: str, arch: str | None = None) -> tuple[str, tuple[str, ...], tuple[str, ...], str]:
@@ -185,22 +209,28 @@ def host_facts(uri: str, *, conn: Any = None) -> HostFacts:
     with _lock:
         if uri in _facts:
             return _facts[uri]
-        if conn is None:
-            from vmtool.launch.libvirtconn import connect
+        from vmtool.launch.libvirtconn import connect, release
 
+        own = conn is None
+        if own:
             conn = connect(uri)
         try:
             caps = conn.getCapabilities()
         except Exception as e:  # libvirt.libvirtError
             raise LaunchError(f"cannot read libvirt capabilities from {uri}: {e}") from None
+        finally:
+            if own:
+                release(uri)
         emulator, machines, types, arch = parse_capabilities(caps)
         if not emulator:
             raise LaunchError("libvirt names no qemu emulator for hvm guests", hint="install qemu-system-x86")
         kvm, reason = False, "libvirt offers no kvm domain type"
-        if "kvm" in types:
-            probe = probe_kvm(emulator)
-            kvm, reason = probe.usable, probe.reason
+        if os.path.exists("/dev/kvm") and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            reason = _no_access_reason()  # qemu:///session lists no kvm type then: say how to get it
+        if "kvm" in types or os.environ.get("VMTOOL_KVM") == "1":
+            probe = probe_kvm(emulator)  # raises when VMTOOL_KVM=1 demands a KVM this user cannot open
+            kvm, reason = probe.usable and "kvm" in types, probe.reason if "kvm" in types else reason
         facts = HostFacts(emulator=emulator, arch=arch, machines=machines, domain_types=types, kvm=kvm,
-                          kvm_reason=reason)
+                          kvm_reason=reason, secmodels=parse_secmodels(caps))
         _facts[uri] = facts
         return facts

@@ -1,13 +1,20 @@
 """Start a rendered domain through libvirt, keep qemu in the slot's cgroup, wait, account, clean up.
 
-The domain is transient and started paused, qemu is moved into the VM's cgroup (every thread, checked
-through /proc/PID/task/*/cgroup), then resumed, so nothing the guest does is charged outside the slot.
+The domain is transient and started paused. Where vmtool may (root: "moved"; a delegated cgroup v2
+subtree: "delegated") qemu is moved into the VM's own cgroup (every thread, checked through
+/proc/PID/task/*/cgroup) before it is resumed, so nothing the guest does is charged outside the slot.
+Otherwise ("inherited": a non-root job on cgroup v1, or in a v2 leaf) qemu stays in the job's cgroup,
+where the private session daemon forked it; the guest is then sized so that qemu, vmtool and the daemon
+fit the slot's limit with headroom, vmtool itself enforces the VM's memory limit (destroying qemu once
+its RSS passes it: exit 5, the slot's limit is never reached), and qemu's oom_score_adj is raised so
+that should the slot run out anyway, the kernel kills qemu and not vmtool (still exit 5).
 `RunningVM.close()` (also on leaving `with start(spec)`) destroys the domain if it still runs, waits for
-qemu to be gone and removes the cgroup, whatever happened before.
+qemu to be gone, removes the cgroup and stops the session daemon it started, whatever happened before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import os
@@ -15,10 +22,10 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmtool.domain.model import Domain
 from vmtool.domain.policy import Rendered, RenderOptions, render
@@ -26,12 +33,27 @@ from vmtool.domain.slot import Slot, discover_slot
 from vmtool.errors import CgroupError, LaunchError, VmtoolError
 from vmtool.launch import cgroups
 from vmtool.launch.host import HostFacts
-from vmtool.launch.libvirtconn import connect, libvirt_module, unwatch_lifecycle, watch_lifecycle
+from vmtool.launch.libvirtconn import (
+    connect,
+    default_uri,
+    libvirt_module,
+    release,
+    session_daemon,
+    unwatch_lifecycle,
+    watch_lifecycle,
+)
+from vmtool.launch.netns import NetCounters, NetOptions, VMNetwork
+
+if TYPE_CHECKING:
+    from vmtool.condor.chirp import Chirper
 
 log = logging.getLogger("vmtool.launch")
 
 POLL_SECONDS = 1.0
-DEFAULT_URI = "qemu:///system"
+# In "inherited" mode vmtool enforces the VM's memory limit itself, by qemu's RSS: poll it often.
+RSS_POLL_SECONDS = 0.2
+# Room kept in the slot beyond vmtool's and the session daemon's measured RSS (they grow a little).
+HEADROOM_MARGIN_MIB = 64
 
 
 class ExitReason(enum.Enum):
@@ -59,11 +81,13 @@ class LaunchSpec:
     render: RenderOptions
     domain_xml: Path | None = None
     timeout: float | None = None
-    uri: str = DEFAULT_URI
+    uri: str | None = None  # None: qemu:///system for root, qemu:///session (private daemon) otherwise
     use_cgroup: bool = True
     cgroup_parent: str | None = None
     machine_ad: Path | None = None
     grace: float = 30.0
+    net: NetOptions = NetOptions()  # with render.network == "nat": policy, LAN prefixes, accounting
+    chirp: bool = False  # put the network figures into the job's ad while it runs (condor_chirp)
 
 
 @dataclass
@@ -74,11 +98,25 @@ class VMStats:
     disk_write_bytes: int | None = None
     net_rx_bytes: int | None = None
     net_tx_bytes: int | None = None
+    # --network nat only: the same bytes split by the LAN prefixes, and packets the policy dropped
+    net_rx_lan_bytes: int | None = None
+    net_rx_wan_bytes: int | None = None
+    net_tx_lan_bytes: int | None = None
+    net_tx_wan_bytes: int | None = None
+    net_dropped_packets: int | None = None
     oom_kills: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("cpu_seconds", "peak_memory_bytes", "disk_read_bytes",
-                                              "disk_write_bytes", "net_rx_bytes", "net_tx_bytes", "oom_kills")}
+        return {k: getattr(self, k) for k in (
+            "cpu_seconds", "peak_memory_bytes", "disk_read_bytes", "disk_write_bytes", "net_rx_bytes",
+            "net_tx_bytes", "net_rx_lan_bytes", "net_rx_wan_bytes", "net_tx_lan_bytes", "net_tx_wan_bytes",
+            "net_dropped_packets", "oom_kills")}
+
+    def set_net(self, c: NetCounters) -> None:
+        self.net_rx_bytes, self.net_tx_bytes = c.rx, c.tx
+        self.net_rx_lan_bytes, self.net_rx_wan_bytes = c.rx_lan, c.rx_wan
+        self.net_tx_lan_bytes, self.net_tx_wan_bytes = c.tx_lan, c.tx_wan
+        self.net_dropped_packets = c.dropped
 
 
 @dataclass
@@ -95,6 +133,8 @@ class LaunchReport:
     memory_mib: int
     memory_limit_mib: int
     slot: Slot
+    cgroup_mode: str = "none"
+    uri: str = ""
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -111,6 +151,8 @@ class LaunchReport:
             **self.stats.to_dict(),
             "console_log": str(self.console_log),
             "cgroup": self.cgroup,
+            "cgroup_mode": self.cgroup_mode,
+            "uri": self.uri,
             "accel": self.accel,
             "cpus": self.cpus,
             "memory_mib": self.memory_mib,
@@ -135,6 +177,9 @@ def render_for(spec: LaunchSpec, host: HostFacts, slot: Slot | None = None) -> R
 
 def _qemu_pid(name: str, uri: str) -> int:
     candidates = [Path("/run/libvirt/qemu") / f"{name}.pid"]
+    daemon = session_daemon(uri)
+    if daemon is not None:
+        candidates.insert(0, daemon.runtime_dir / "qemu" / "run" / f"{name}.pid")
     if os.environ.get("XDG_RUNTIME_DIR"):
         candidates.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "libvirt/qemu/run" / f"{name}.pid")
     for p in candidates:
@@ -158,8 +203,15 @@ def _qemu_pid(name: str, uri: str) -> int:
 class RunningVM:
     """A started domain; use as a context manager so close() always runs."""
 
-    def __init__(self, spec: LaunchSpec, rendered: Rendered, conn: Any, cgroup: cgroups.VMCgroup | None) -> None:
+    def __init__(self, spec: LaunchSpec, rendered: Rendered, conn: Any, cgroup: cgroups.VMCgroup | None,
+                 net: VMNetwork | None = None, *, uri: str = "", cgroup_mode: str = "none",
+                 slot_cgroup: cgroups.SlotCgroup | None = None) -> None:
         self.spec = spec
+        self.uri = uri or spec.uri or default_uri()
+        self.cgroup_mode = cgroup_mode
+        self.slot_cgroup = slot_cgroup
+        self._slot_ooms = slot_cgroup.oom_kills() if slot_cgroup is not None else 0
+        self._rss_over: int | None = None
         self.rendered = rendered
         self.name = rendered.name
         self.xml = rendered.xml
@@ -179,7 +231,9 @@ class RunningVM:
         dom = Domain.from_xml(rendered.xml)
         self._disk_targets = [d.target_dev or "" for d in dom.disks if d.has("./target")]
         self._macs = [n.mac or "" for n in dom.interfaces if n.has("./mac")]
-        self._net_counted = bool(self._macs)
+        self.net = net
+        self._net_counted = bool(self._macs) and net is None
+        self._chirp: Chirper | None = None
         self.reason: ExitReason | None = None
         self.detail = ""
 
@@ -203,17 +257,45 @@ class RunningVM:
         except libvirt.libvirtError as e:
             raise LaunchError(f"libvirt could not start the domain: {e.get_error_message()}",
                               hint="run 'vmtool domain render' with the same options to see the XML") from None
-        self.pid = _qemu_pid(self.name, self.spec.uri)
+        self.pid = _qemu_pid(self.name, self.uri)
         log.debug("domain %s created paused, qemu pid %d", self.name, self.pid)
         if self.cgroup is not None:
             self.cgroup.add_pid(self.pid)
             log.debug("qemu moved into %s", self.cgroup.describe())
+        elif self.cgroup_mode == "inherited":
+            # Should the slot run out of memory after all, the kernel is to kill qemu, not vmtool (which
+            # reports it) nor the daemon. Raising one's own process's score needs no privilege.
+            try:
+                Path(f"/proc/{self.pid}/oom_score_adj").write_text("1000")
+            except OSError as e:
+                self.warnings.append(f"cannot raise qemu's oom_score_adj: {e.strerror}")
+        self._attach_network()
         try:
             self._dom.resume()
         except libvirt.libvirtError as e:
             raise LaunchError(f"libvirt could not resume the domain: {e.get_error_message()}") from None
         self.started = time.monotonic()
         log.debug("domain %s resumed", self.name)
+
+    def _attach_network(self) -> None:
+        """qemu has opened the tap; move it behind the VM's namespace before the guest runs."""
+        if self.net is None:
+            return
+        self.net.attach()
+        self.warnings.extend(self.net.notes)
+        if self.spec.chirp:
+            from vmtool.condor.chirp import Chirper
+
+            self._chirp = Chirper()
+
+    def _poll_network(self, final: bool = False) -> None:
+        if self.net is None:
+            return
+        self._stats.set_net(self.net.counters())
+        if self._chirp is not None:
+            note = self._chirp.update(self._stats, final=final)
+            if note:
+                self.warnings.append(note)
 
     # -- control --------------------------------------------------------------------------------------
 
@@ -243,15 +325,19 @@ class RunningVM:
                 except libvirt.libvirtError:
                     # user-mode networking has no host interface to count on; do not ask again
                     self._net_counted = False
+            self._poll_network()
             if self.cgroup is None:
                 try:
                     info = self._dom.info()
                     st.cpu_seconds = info[4] / 1e9
-                    rss = self._dom.memoryStats().get("rss")
-                    if rss is not None:
-                        st.peak_memory_bytes = max(st.peak_memory_bytes or 0, rss * 1024)
                 except libvirt.libvirtError:
                     pass
+                rss = self._qemu_rss()
+                if rss is not None:
+                    st.peak_memory_bytes = max(st.peak_memory_bytes or 0, rss)
+                    if self.cgroup_mode == "inherited" and rss > self.rendered.memory_limit_mib << 20 \
+                            and self._rss_over is None:
+                        self._rss_over = rss
         if self.cgroup is not None:
             cpu = self.cgroup.cpu_seconds()
             peak = self.cgroup.peak_memory()
@@ -263,12 +349,26 @@ class RunningVM:
     def stats(self) -> VMStats:
         return self.poll_stats()
 
+    def _qemu_rss(self) -> int | None:
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
+
     def wait(self, timeout: float | None = None, *, stop: threading.Event | None = None,
              poll: float = POLL_SECONDS) -> ExitReason:
         """Wait until the guest ends; on `timeout` or `stop` shut it down (grace: spec.grace)."""
         end = None if timeout is None else time.monotonic() + timeout
+        if self.cgroup_mode == "inherited":
+            poll = min(poll, RSS_POLL_SECONDS)
         while not self._ended.is_set():
             self.poll_stats()
+            if self._rss_over is not None:
+                self.destroy()
+                break
             if stop is not None and stop.is_set():
                 self._own_reason = ExitReason.SIGNALLED
                 self.shutdown(self.spec.grace)
@@ -305,8 +405,18 @@ class RunningVM:
         libvirt = libvirt_module()
         if self.cgroup is not None:
             self._stats.oom_kills = self.cgroup.oom_kills()
+        elif self.slot_cgroup is not None:
+            self._stats.oom_kills = max(0, self.slot_cgroup.oom_kills() - self._slot_ooms)
         d = self._stop_detail
-        if self._stats.oom_kills:
+        if self._rss_over is not None:
+            reason, detail = ExitReason.MEMORY, (
+                f"qemu used {self._rss_over >> 20} MiB, more than the VM's memory limit of "
+                f"{self.rendered.memory_limit_mib} MiB; vmtool destroyed it (cgroup mode inherited)")
+        elif self._stats.oom_kills and self.cgroup is None:
+            reason, detail = ExitReason.MEMORY, (
+                f"qemu was killed by the kernel: the job's cgroup ran out of memory "
+                f"({self._stats.oom_kills} OOM kill(s) there)")
+        elif self._stats.oom_kills:
             reason, detail = ExitReason.MEMORY, (
                 f"qemu was killed by the kernel for exceeding the VM's memory limit of "
                 f"{self.rendered.memory_limit_mib} MiB ({self._stats.oom_kills} OOM kill(s) in its cgroup)")
@@ -374,6 +484,7 @@ class RunningVM:
         except VmtoolError as e:
             errors.append(e.message)
         self._wait_qemu_gone()
+        self._close_network(errors)
         if self.cgroup is not None:
             self.poll_stats()
             try:
@@ -383,9 +494,19 @@ class RunningVM:
         if self._watching:
             unwatch_lifecycle(self._conn, self.name)
             self._watching = False
+        release(self.uri)  # the last user stops the private session daemon
         log.debug("domain %s cleaned up", self.name)
         if errors:
             raise LaunchError("cleanup failed: " + "; ".join(errors))
+
+    def _close_network(self, errors: list[str]) -> None:
+        if self.net is None:
+            return
+        try:
+            self._poll_network(final=True)
+            self.net.close()
+        except VmtoolError as e:
+            errors.append(e.message)
 
     def __enter__(self) -> RunningVM:
         return self
@@ -398,25 +519,105 @@ class RunningVM:
                 raise
 
 
+def _check_sandbox(sandbox: Path) -> None:
+    """A non-root job's VM writes (console log, sockets) only into a sandbox of its own."""
+    me = os.geteuid()
+    if me == 0:
+        return  # root launches for any job user (qemu:///system runs qemu under its own DAC label)
+    try:
+        st = sandbox.stat()
+    except FileNotFoundError:
+        raise LaunchError(f"the sandbox {sandbox} does not exist", hint="give an existing --sandbox") from None
+    except OSError as e:
+        raise LaunchError(f"cannot use the sandbox {sandbox}: {e.strerror}", hint="give another --sandbox") from None
+    if st.st_uid != me:
+        import pwd
+
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = f"uid {st.st_uid}"
+        raise LaunchError(f"the sandbox {sandbox} belongs to {owner}, not to {pwd.getpwuid(me).pw_name}: the VM's "
+                          f"console log and sockets would live where another user controls them",
+                          hint="run from the job's own directory ($_CONDOR_SCRATCH_DIR) or give --sandbox DIR "
+                               "of your own")
+
+
+def _rss_mib(pid: int | str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _inherited_slot(slot: Slot, slot_cg: cgroups.SlotCgroup | None, uri: str) -> Slot:
+    """The slot minus what vmtool and the session daemon need, capped by the job cgroup's own limit."""
+    mem = slot.memory_mib
+    limit = slot_cg.memory_limit() if slot_cg is not None else None
+    if limit is not None and limit >> 20 < mem:
+        mem = limit >> 20
+    daemon = session_daemon(uri)
+    headroom = _rss_mib("self") + (_rss_mib(daemon.proc.pid) if daemon and daemon.proc else 0) + HEADROOM_MARGIN_MIB
+    log.debug("inherited cgroup: slot %d MiB, cgroup limit %s, headroom %d MiB", slot.memory_mib,
+              None if limit is None else limit >> 20, headroom)
+    if mem - headroom < 64:
+        raise LaunchError(f"the job's {mem} MiB leave no room for a VM after vmtool and the libvirt daemon "
+                          f"({headroom} MiB)", hint="ask for a bigger slot (request_memory)")
+    return dataclasses.replace(slot, memory_mib=mem - headroom)
+
+
 def start(spec: LaunchSpec, *, host: HostFacts | None = None, slot: Slot | None = None) -> RunningVM:
     """Render, create the cgroup, start the domain paused, move qemu into the cgroup, resume."""
     from vmtool.launch.host import host_facts
 
-    conn = connect(spec.uri)
-    host = host or host_facts(spec.uri, conn=conn)
-    rendered = render_for(spec, host, slot)
-    log.debug("rendered %s (%s, %d vCPU, %d MiB)", rendered.name, rendered.accel, rendered.cpus, rendered.memory_mib)
-    cg = None
-    if spec.use_cgroup:
-        cg = cgroups.create(rendered.name, memory_bytes=rendered.memory_limit_mib << 20, cpus=rendered.cpus,
-                            parent=spec.cgroup_parent)
-    vm = RunningVM(spec, rendered, conn, cg)
+    _check_sandbox(spec.render.sandbox)
+    uri = spec.uri or default_uri()
+    conn = connect(uri)
+    net: VMNetwork | None = None
+    try:
+        host = host or host_facts(uri, conn=conn)
+        mode, parent = cgroups.choose_mode(use_cgroup=spec.use_cgroup, parent=spec.cgroup_parent)
+        slot_cg = None
+        if mode == "inherited":
+            slot_cg = cgroups.SlotCgroup.of_self()
+            slot = _inherited_slot(slot or discover_slot(machine_ad=spec.machine_ad), slot_cg, uri)
+        net = _network_for(spec)
+        if net is not None:
+            spec = replace(spec, render=replace(spec.render, tap=net.tap))
+        rendered = render_for(spec, host, slot)
+        log.debug("rendered %s (%s, %d vCPU, %d MiB), cgroup mode %s", rendered.name, rendered.accel,
+                  rendered.cpus, rendered.memory_mib, mode)
+        cg = None
+        if mode in ("moved", "delegated"):
+            cg = cgroups.create(rendered.name, memory_bytes=rendered.memory_limit_mib << 20, cpus=rendered.cpus,
+                                parent=parent)
+    except BaseException:
+        if net is not None:
+            net.close()
+        release(uri)
+        raise
+    vm = RunningVM(spec, rendered, conn, cg, net, uri=uri, cgroup_mode=mode, slot_cgroup=slot_cg)
+    if not host.kvm and "/dev/kvm is not readable" in host.kvm_reason:
+        vm.warnings.append(f"running under TCG (slow): {host.kvm_reason}")
     try:
         vm._start()
     except BaseException:
         vm.close()
         raise
     return vm
+
+
+def _network_for(spec: LaunchSpec) -> VMNetwork | None:
+    """The VM's own namespace, links and tables for --network nat (vmtool.launch.netns)."""
+    if spec.render.network != "nat":
+        return None
+    from vmtool.launch import netns
+
+    uid, gid = spec.render.run_as or (os.getuid(), os.getgid())
+    return netns.setup(spec.net, uid=uid, gid=gid)
 
 
 @contextmanager
@@ -438,5 +639,6 @@ def launch(spec: LaunchSpec, *, stop: threading.Event | None = None) -> LaunchRe
     return LaunchReport(
         name=vm.name, reason=reason, detail=vm.detail, wall_seconds=time.monotonic() - t0, stats=stats,
         console_log=vm.console_log, cgroup=cg, accel=r.accel, cpus=r.cpus, memory_mib=r.memory_mib,
-        memory_limit_mib=r.memory_limit_mib, slot=r.slot, warnings=vm.warnings,
+        memory_limit_mib=r.memory_limit_mib, slot=r.slot, cgroup_mode=vm.cgroup_mode, uri=vm.uri,
+        warnings=vm.warnings,
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmtool.errors import QueueError
+from vmtool.launch.netns import NetOptions
 from vmtool.queue.agent import RELAY_PORT_NAME
 from vmtool.stage.stage import make_overlay
 
@@ -130,7 +131,8 @@ class VMFactory:
     # Relay mode needs no guest network at all: without a NIC the guest cannot reach the queue (or
     # anything else); user-mode networking would let it reach the host's loopback at 10.0.2.2.
     network: str = "none"
-    uri: str = "qemu:///system"
+    net: NetOptions = NetOptions()  # with network="nat" (vmtool.launch.netns)
+    uri: str | None = None  # None: vmtool.launch's default (system for root, a private session otherwise)
     name_prefix: str = "vmtool-q"
 
     def __call__(self, slot: int) -> Any:
@@ -162,6 +164,7 @@ class VMFactory:
                 ),
                 timeout=None,
                 uri=self.uri,
+                net=self.net,
                 use_cgroup=self.use_cgroup,
                 cgroup_parent=self.cgroup_parent,
             )

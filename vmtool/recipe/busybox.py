@@ -41,8 +41,10 @@ poweroff -f
 
 FSTAB = "LABEL={label}\t/\text4\tdefaults\t0\t1\nproc\t/proc\tproc\tdefaults\t0\t0\n"
 
-# Modules the guest init loads itself, in dependency order, when the kernel has them.
-EXTRA_MODULES = ("kernel/drivers/char/virtio_console.ko",)
+# Modules the guest init loads itself, when the kernel has them; the init loads them in name order
+# (/lib/modules/*/extra/*.ko), which is also their dependency order.
+EXTRA_MODULES = ("kernel/drivers/char/virtio_console.ko", "kernel/net/core/failover.ko",
+                 "kernel/drivers/net/net_failover.ko", "kernel/drivers/net/virtio_net.ko")
 
 
 def make_rootfs_tree(

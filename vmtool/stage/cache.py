@@ -10,6 +10,14 @@
 
 A ref is live while the overlay it points at exists and its qcow2 header still names the base;
 prune never removes a base with a live ref, nor one whose base lock a stager holds right now.
+
+Trust (docs/stage.md, "Who may write a cache"): a cache holds only what its users may trust. A cache
+directory writable by its group or others without the sticky bit, or owned by another (non-root)
+user, is refused. In a sticky shared directory only files owned by the caller or root are used; a
+base owned by anyone else is refused (its owner can rewrite it at any time, so hashing it on use would
+not help), and index entries are per writer (`index/<h>.json` root's, `index/<h>.u<uid>.json` a user's).
+A root-owned cache a user cannot write is used read-only: its bases serve that user's stages, misses
+are fetched into the user's own cache (vmtool.fsutil.user_cache_dir).
 """
 
 from __future__ import annotations
@@ -35,16 +43,38 @@ SUBDIRS = ("bases", "used", "index", "refs", "locks", "tmp")
 BASE_RE = re.compile(r"^([0-9a-f]{64})\.(raw|qcow2)$")
 
 
+SYSTEM_CACHE = Path("/var/cache/vmtool")
+
+
 def default_cache_dir() -> Path:
+    """$VMTOOL_CACHE, else the user's own cache (root: /var/cache/vmtool; others a 0700 per-user dir
+    that needs no $HOME of theirs, see vmtool.fsutil.user_cache_dir)."""
     env = os.environ.get("VMTOOL_CACHE")
     if env:
         return Path(env)
-    system = Path("/var/cache/vmtool")
-    # A node-wide cache shared by slot users (docs/stage.md) is used whenever we may write to it.
-    if os.geteuid() == 0 or (system.is_dir() and os.access(system, os.W_OK | os.X_OK)):
-        return system
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(xdg) / "vmtool"
+    from vmtool.fsutil import user_cache_dir
+
+    return user_cache_dir()
+
+
+def _uid_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def trusted_file(path: Path) -> bool:
+    """A file this user may build on: owned by this user or root, writable by nobody else."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    import stat
+
+    return stat.S_ISREG(st.st_mode) and st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
 
 
 def key_hash(text: str) -> str:
@@ -79,8 +109,11 @@ class BaseEntry:
 
 
 class Cache:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, readonly: bool = False, upstream: Cache | None = None) -> None:
         self.root = root
+        self.readonly = readonly
+        # a root-owned cache this user may only read: its bases serve stages before a fetch
+        self.upstream = upstream
         # A group-writable root is a cache shared by several users (slot users of an HTCondor
         # node): keep what we create writable by that group too.
         try:
@@ -97,6 +130,70 @@ class Cache:
     def open(cls, root: str | os.PathLike[str] | None = None) -> Cache:
         path = Path(root) if root else default_cache_dir()
         path = Path(os.path.abspath(path))
+        me = os.geteuid()
+        if me != 0 and not root and not os.environ.get("VMTOOL_CACHE"):
+            # the default per-user cache: 0700, created with no setup; the node's root-owned cache,
+            # if the admin filled one (vmtool cache add), is read first
+            from vmtool.fsutil import private_dir
+
+            try:
+                private_dir(path)
+            except OSError as e:
+                raise StageError(f"cannot create the cache directory {path}: {e.strerror}",
+                                 hint="set VMTOOL_CACHE or XDG_CACHE_HOME to a directory of your own") from None
+            cache = cls._open_writable(path)
+            cache.upstream = cls._readonly_or_none(SYSTEM_CACHE)
+            return cache
+        if path.exists():
+            cls.check_safe(path)
+            st = path.stat()
+            if me != 0 and st.st_uid == 0 and not os.access(path, os.W_OK | os.X_OK):
+                ro = cls._readonly_or_none(path)
+                if ro is None:
+                    raise StageError(f"cache directory {path} is not readable", hint="check its permissions")
+                own = cls.open(default_cache_dir()) if os.environ.get("VMTOOL_CACHE") is None else None
+                if own is None:
+                    raise StageError(f"cache directory {path} is read-only for this user",
+                                     hint="leave VMTOOL_CACHE unset: the read-only cache is then used "
+                                          "together with your own")
+                own.upstream = ro
+                return own
+        return cls._open_writable(path)
+
+    @staticmethod
+    def check_safe(path: Path) -> None:
+        """Refuse a cache directory whose files another user could replace or plant."""
+        from vmtool.fsutil import unsafe_dir
+
+        why = unsafe_dir(path, writer_ok=True)
+        if why is None:
+            return
+        if "owned by uid" in why:
+            uid = os.lstat(path).st_uid
+            why = f"it belongs to {_uid_name(uid)}, another user, who could replace the images in it"
+            hint = "use your own cache (leave --cache and VMTOOL_CACHE unset)"
+        else:
+            hint = (f"make it safe: chmod o-w,g-w {path} (a cache filled by root with 'vmtool cache add'), "
+                    f"or chmod +t {path} (each user's files are then their own); or leave --cache and "
+                    f"VMTOOL_CACHE unset to use your own cache")
+        raise StageError(f"cache directory {path} has unsafe permissions: {why}", hint=hint)
+
+    @classmethod
+    def _readonly_or_none(cls, path: Path) -> Cache | None:
+        from vmtool.fsutil import unsafe_dir
+
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        if st.st_uid != 0 or unsafe_dir(path) is not None or not (path / "bases").is_dir():
+            return None
+        if not os.access(path / "bases", os.R_OK | os.X_OK):
+            return None
+        return cls(path, readonly=True)
+
+    @classmethod
+    def _open_writable(cls, path: Path) -> Cache:
         hint = "choose a writable cache with --cache DIR or VMTOOL_CACHE"
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -106,7 +203,8 @@ class Cache:
                 if not sub.is_dir():
                     sub.mkdir(exist_ok=True)
                     if shared:
-                        os.chmod(sub, 0o2775)
+                        os.chmod(sub, 0o3775)  # sticky: users may add files, not replace others'
+                Cache.check_safe(sub)
             probe = path / "tmp" / f".probe.{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -124,35 +222,63 @@ class Cache:
         for fmt in ("qcow2", "raw"):
             p = self.base_path(sha, fmt)
             if p.exists():
+                self.check_base(p)
                 return p, fmt
         return None
 
-    def meta(self, sha: str) -> dict[str, Any]:
+    def check_base(self, p: Path) -> None:
+        """Refuse a base another user could have written (see the module docstring)."""
+        if trusted_file(p):
+            return
         try:
-            data = json.loads((self.root / "bases" / f"{sha}.json").read_text())
+            st = os.lstat(p)
+        except OSError:
+            return
+        who = _uid_name(st.st_uid)
+        raise StageError(
+            f"the cached base {p} belongs to {who} (mode {st.st_mode & 0o7777:04o}), not to you or root: "
+            f"its owner can change it at any time, so it is not used",
+            hint="use your own cache (leave --cache and VMTOOL_CACHE unset), or have root fill a shared "
+                 "cache with 'vmtool cache add' (root-owned, read-only to jobs)")
+
+    def meta(self, sha: str) -> dict[str, Any]:
+        path = self.root / "bases" / f"{sha}.json"
+        if not trusted_file(path):
+            return {}
+        try:
+            data = json.loads(path.read_text())
             return data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             return {}
 
     def write_meta(self, sha: str, data: dict[str, Any]) -> None:
-        write_atomic(self.root / "bases" / f"{sha}.json", json.dumps(data, indent=2) + "\n", mode=0o664)
+        if not trusted_file(self.root / "bases" / f"{sha}.json") and (self.root / "bases" / f"{sha}.json").exists():
+            return  # another user's record (sticky directory): ours is not needed, theirs is not read
+        write_atomic(self.root / "bases" / f"{sha}.json", json.dumps(data, indent=2) + "\n", mode=0o644)
 
     # --- index --------------------------------------------------------------------------------
 
+    def _index_path(self, identity: str, uid: int) -> Path:
+        h = key_hash(identity)
+        return self.root / "index" / (f"{h}.json" if uid == 0 else f"{h}.u{uid}.json")
+
     def index_get(self, identity: str) -> dict[str, Any] | None:
-        try:
-            data = json.loads((self.root / "index" / f"{key_hash(identity)}.json").read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(data, dict) or data.get("identity") != identity:
-            return None
-        return data
+        """This user's entry for a source, else root's; nobody else's (they could point it anywhere)."""
+        for uid in dict.fromkeys((os.geteuid(), 0)):
+            path = self._index_path(identity, uid)
+            if not trusted_file(path):
+                continue
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and data.get("identity") == identity:
+                return data
+        return None
 
     def index_put(self, identity: str, entry: dict[str, Any]) -> None:
         entry = dict(entry, identity=identity)
-        write_atomic(
-            self.root / "index" / f"{key_hash(identity)}.json", json.dumps(entry) + "\n", mode=0o664
-        )
+        write_atomic(self._index_path(identity, os.geteuid()), json.dumps(entry) + "\n", mode=0o644)
 
     # --- locks --------------------------------------------------------------------------------
 
@@ -166,7 +292,13 @@ class Cache:
                 with contextlib.suppress(OSError):
                     os.fchmod(fd, 0o666)
         except PermissionError:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if not self.readonly:
+                    raise
+                yield True  # a read-only cache: only root changes it (prune takes no base lock we'd miss)
+                return
         try:
             op = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB)
             try:
@@ -181,6 +313,8 @@ class Cache:
     # --- use and refs -------------------------------------------------------------------------
 
     def touch(self, sha: str) -> None:
+        if self.readonly:
+            return
         p = self.root / "used" / sha
         try:
             os.utime(p)
@@ -197,10 +331,12 @@ class Cache:
             return fallback
 
     def add_ref(self, sha: str, overlay: Path) -> None:
+        if self.readonly:
+            return
         d = self.root / "refs" / sha
         if not d.is_dir():
             d.mkdir(exist_ok=True)
-            self._share(d, 0o2775)
+            self._share(d, 0o3775)
         target = os.path.abspath(overlay)
         link = d / key_hash(target)[:32]
         tmp = d / f".{link.name}.{os.getpid()}"
@@ -328,8 +464,11 @@ class Cache:
                         p.unlink()
 
     def clean_tmp_for(self, owner: str) -> None:
-        """Called with the source lock held: anything under that name is from a dead fetcher."""
+        """Called with the source lock held: anything under that name is from a dead fetcher (its
+        resumable http part, `<owner>.part` and its sidecar, is left for the fetch to resume)."""
         for p in (self.root / "tmp").glob(f"{owner}.*"):
+            if p.name in (f"{owner}.part", f"{owner}.part.json"):
+                continue
             with contextlib.suppress(OSError):
                 p.unlink()
 

@@ -7,8 +7,6 @@ explicit size and backing format, which does not open the base at all.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import time
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ from vmtool.fsutil import atomic_path, os_error
 from vmtool.log import Progress
 from vmtool.run import run
 from vmtool.stage.cache import Cache, key_hash
-from vmtool.stage.fetch import Sink, fetch, identity
+from vmtool.stage.fetch import discard_part, fetch_to, identity, part_path
 from vmtool.stage.inspect import check_base
 from vmtool.stage.sources import Source
 
@@ -35,6 +33,7 @@ class StageResult:
     cache_hit: bool
     fetched_bytes: int
     source: str
+    fetched_via: str = ""  # "direct", "proxy URL (SETTING)", a source kind; "" on a cache hit
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +45,7 @@ class StageResult:
             "cache_hit": self.cache_hit,
             "fetched_bytes": self.fetched_bytes,
             "source": self.source,
+            "fetched_via": self.fetched_via,
         }
 
 
@@ -56,6 +56,8 @@ class _Base:
     virtual_size: int
     hit: bool
     fetched: int
+    via: str = ""
+    cache: Cache | None = None  # where the base is, when not the cache staged into (a read-only upstream)
 
 
 def default_name(src: Source) -> str:
@@ -94,13 +96,15 @@ def stage(
             into_p.mkdir(parents=True, exist_ok=True)  # only now: a failed stage leaves no empty DIR
         except OSError as e:
             raise os_error(e, f"cannot create {into_p}") from None
-        with cache.lock(f"base-{b.sha256}", shared=True):
-            base = cache.base_path(b.sha256, b.format)
+        where = b.cache or cache
+        with where.lock(f"base-{b.sha256}", shared=True):
+            base = where.base_path(b.sha256, b.format)
             if not base.exists():
                 continue  # pruned between fetch and now: fetch again
+            where.check_base(base)
             make_overlay(base, b.format, dest, b.virtual_size)
-            cache.add_ref(b.sha256, dest)
-            cache.touch(b.sha256)
+            where.add_ref(b.sha256, dest)
+            where.touch(b.sha256)
         return StageResult(
             overlay=dest,
             base=base,
@@ -110,6 +114,7 @@ def stage(
             cache_hit=b.hit,
             fetched_bytes=b.fetched,
             source=src.text,
+            fetched_via=b.via,
         )
     raise StageError(
         f"the cached base for {src.text} keeps disappearing", hint="is a prune running in a loop?"
@@ -128,6 +133,15 @@ def _from_meta(cache: Cache, sha: str, fmt: str) -> int:
 
 
 def _resolve_base(src: Source, cache: Cache, *, deadline: float | None, progress: bool) -> _Base:
+    if cache.upstream is not None:
+        # the node's root-owned cache first: what the admin added there is never fetched again
+        try:
+            up = _resolve_base(src, cache.upstream, deadline=deadline, progress=progress)
+        except _Miss:
+            pass
+        else:
+            up.cache = cache.upstream
+            return up
     if src.sha256:
         found = cache.find_base(src.sha256)
         if found and (src.format is None or found[1] == src.format):
@@ -136,6 +150,8 @@ def _resolve_base(src: Source, cache: Cache, *, deadline: float | None, progress
     hit = _index_hit(src, cache, ident)
     if hit:
         return hit
+    if cache.readonly:
+        raise _Miss()
     owner = key_hash(ident)
     with cache.lock(f"src-{owner}"):
         hit = _index_hit(src, cache, ident)  # another stager fetched it while we waited
@@ -145,6 +161,10 @@ def _resolve_base(src: Source, cache: Cache, *, deadline: float | None, progress
         return _fetch_into_cache(src, cache, ident, owner, deadline=deadline, progress=progress)
 
 
+class _Miss(Exception):
+    """Not in a read-only cache: fetch into the writable one."""
+
+
 def _index_hit(src: Source, cache: Cache, ident: str) -> _Base | None:
     e = cache.index_get(ident)
     if not e:
@@ -152,6 +172,7 @@ def _index_hit(src: Source, cache: Cache, ident: str) -> _Base | None:
     sha, fmt = str(e.get("sha256", "")), str(e.get("format", ""))
     if not cache.base_path(sha, fmt).exists():
         return None
+    cache.check_base(cache.base_path(sha, fmt))
     if src.sha256 and sha != src.sha256:
         raise TransferFailed(
             f"checksum mismatch for {src.text}: expected sha256 {src.sha256}, the source has {sha}",
@@ -173,26 +194,11 @@ def _fetch_into_cache(
     deadline: float | None,
     progress: bool,
 ) -> _Base:
-    tmp = cache.root / "tmp" / f"{owner}.{os.getpid()}.part"
+    tmp = part_path(cache.root / "tmp", owner, src)
     bar = Progress(f"fetching {src.basename}") if progress else None
     try:
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise os_error(e, f"cannot write in cache {cache.root}") from None
-        with os.fdopen(fd, "wb") as f:
-            sink = Sink(f, bar, deadline)
-            fetched = fetch(src, sink)
-            try:
-                sha = sink.finish()
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                    raise TransferFailed(
-                        "no space left in the cache while fetching",
-                        failure_type="NoSpace",
-                        hint="free space (vmtool cache prune) or use another --cache",
-                    ) from None
-                raise os_error(e, "cannot write the fetched image") from None
+        got = fetch_to(src, tmp, progress=bar, deadline=deadline)
+        sha = got.sha256
         if bar is not None:
             bar.close()
         if src.sha256 and sha != src.sha256:
@@ -205,6 +211,8 @@ def _fetch_into_cache(
         info = check_base(tmp, src.format, what=src.text)
         os.chmod(tmp, 0o444)
         base = cache.base_path(sha, info.format)
+        if base.exists():
+            cache.check_base(base)  # planted under the right name by another user: refuse, do not trust
         meta = cache.meta(sha)
         sources = list(meta.get("sources") or [])
         if src.text not in sources:
@@ -214,10 +222,12 @@ def _fetch_into_cache(
             {
                 "sha256": sha,
                 "format": info.format,
-                "size": sink.size,
+                "size": got.size,
                 "virtual_size": info.virtual_size,
                 "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "sources": sources[-20:],
+                "fetched_via": got.via,
+                "resumed_from": got.resumed_from,
             },
         )
         if base.exists():
@@ -226,13 +236,22 @@ def _fetch_into_cache(
             os.rename(tmp, base)
             _fsync_dir(base.parent)
         cache.index_put(ident, {"sha256": sha, "format": info.format, "source": src.text})
-        return _Base(sha, info.format, info.virtual_size, False, fetched)
+        return _Base(sha, info.format, info.virtual_size, False, got.fetched, got.via)
     except BaseException:
         if bar is not None:
             bar.close("failed")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        discard_part(tmp)  # an http part cut by the network stays, for the next stage to resume
         raise
+
+
+def add_to_cache(src: Source, cache: Cache, *, deadline: float | None = None, progress: bool = True) -> StageResult:
+    """Fetch and verify a base into `cache` with no overlay (`vmtool cache add`, e.g. by root into the
+    node's shared read-only cache)."""
+    b = _resolve_base(src, cache, deadline=deadline, progress=progress)
+    where = b.cache or cache
+    base = where.base_path(b.sha256, b.format)
+    return StageResult(overlay=base, base=base, sha256=b.sha256, format=b.format, virtual_size=b.virtual_size,
+                       cache_hit=b.hit, fetched_bytes=b.fetched, source=src.text)
 
 
 def _fsync_dir(d: Path) -> None:
