@@ -230,10 +230,15 @@ def cmd_build(args: argparse.Namespace) -> int:
         initrd_check=args.initrd_check,
     )
     res = build(opts)
-    m = res.manifest
-    data = m.to_dict()
+    data = res.manifest.to_dict()
     data["outdir"] = str(res.outdir)
-    text = "\n".join(
+    emit(args, data, _build_text(res))
+    return 0
+
+
+def _build_text(res: Any) -> str:
+    m = res.manifest
+    return "\n".join(
         [
             f"built {res.outdir} with the {res.backend} backend ({res.backend_reason})",
             f"  rootfs:  {m.rootfs.path} ({m.rootfs.fstype}, label {m.rootfs.label}, {_size(m.rootfs.virtual_size)}, "
@@ -246,8 +251,6 @@ def cmd_build(args: argparse.Namespace) -> int:
             "  manifest.json",
         ]
     )
-    emit(args, data, text)
-    return 0
 
 
 def _guest_lines(guest: Any) -> list[str]:
@@ -302,6 +305,6 @@ def cmd_image_create(args: argparse.Namespace) -> int:
     if opts is not None:
         res = build(opts)
         data["build"] = res.manifest.to_dict()
-        lines.append(f"built {res.outdir} with the {res.backend} backend ({res.backend_reason})")
+        lines.append(_build_text(res))
     emit(args, data, "\n".join(lines))
     return 0

@@ -81,8 +81,8 @@ def detect(tree: TreeReader) -> InitSystem:
         return InitSystem("openrc", f"/sbin/init -> {real}")
     st = tree.lstat(real)
     head = b""
-    if st is not None and st[1] & S_IFMT == S_IFREG:
-        head = tree.read_file(real, 4096)
+    if st is not None and st[1] & S_IFMT == S_IFREG and st[2] <= 64 << 10:  # a script, not a binary
+        head = tree.read_file(real, 64 << 10)
     if VMTOOL_INIT_MARK in head:
         return InitSystem("vmtool", f"{real} is vmtool's default guest init")
     inittab = b""
