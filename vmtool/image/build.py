@@ -284,10 +284,12 @@ def _build_in(
         label = edits.label
         check_label(label, root.fstype, explicit=opts.label is not None)  # its limit depends on the type
         if backend is Backend.NATIVE:
-            boot, out, report = _native(layout, work, edits, opts.kernel_version, materialized)
+            boot, out, report = _native(
+                layout, work, edits, opts.kernel_version, materialized, initrd_check=opts.initrd_check
+            )
         else:
             boot, out, report = _guestfs(layout, work, edits, opts.kernel_version)
-        if opts.initrd_check:
+        if opts.initrd_check and report.initrd is None:  # the native backend checked it on its thread
             report = replace(report, initrd=_check_initrd(boot, layout, work))
         if agent_info is not None:
             agent_info = {**agent_info, "init": report.init.kind, "hook": report.agent_hook}
@@ -451,10 +453,17 @@ def _fs_identity(rootfs: Path) -> tuple[str, str]:
 
 
 def _native(
-    layout: Layout, work: Work, edits: Edits, kernel_version: str | None, materialized: dict[str, Path]
+    layout: Layout,
+    work: Work,
+    edits: Edits,
+    kernel_version: str | None,
+    materialized: dict[str, Path],
+    *,
+    initrd_check: bool,
 ) -> tuple[BootFiles, RootOutput, GuestReport]:
-    """The native backend: the kernel and initrd are copied out (and hashed) on a thread while the
-    root volume is copied and changed on this one, itself hashed on a third as it is written."""
+    """The native backend: the kernel and initrd are copied out (and hashed, and the initrd checked)
+    on a thread while the root volume is copied and changed on this one, itself hashed on a third as
+    it is written."""
     # Pick the kernel before the long copy, so a disk without one fails fast.
     kernel = choose_kernel(layout.kernels, kernel_version)
     assert kernel is not None and kernel.initrd_real is not None
@@ -470,10 +479,13 @@ def _native(
     boot = BootFiles(kernel, work.tmp / f"vmlinuz-{kernel.version}", work.tmp / f"initrd.img-{kernel.version}")
     boot_sha: list[str] = []
     dump_errors: list[BaseException] = []
+    checked: list[InitrdReport] = []
 
     def copy_boot() -> None:
         try:
             boot_sha.extend(_copy_boot_files(guest, boot))
+            if initrd_check:
+                checked.append(_check_initrd(boot, layout, work))
         except BaseException as e:  # re-raised below, in the main thread
             dump_errors.append(e)
 
@@ -489,6 +501,8 @@ def _native(
         if isinstance(dump_errors[0], OSError):
             raise os_error(dump_errors[0], "copying the kernel") from None
         raise dump_errors[0]
+    if checked:
+        report = replace(report, initrd=checked[0])
     return replace(boot, sha256=(boot_sha[0], boot_sha[1])), out, report
 
 
