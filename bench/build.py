@@ -25,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from vmtool.fsutil import sha256_file  # noqa: E402
 from vmtool.image.extract import _data_runs, extract  # noqa: E402
-from vmtool.image.source import sha256_file  # noqa: E402
 from vmtool.launch.host import newest_host_kernel  # noqa: E402
 from vmtool.recipe.busybox import make_rootfs_tree  # noqa: E402
 from vmtool.recipe.create import create_disk  # noqa: E402

@@ -159,7 +159,7 @@ def measure_queue(work: Path, n: int = 400) -> float:
     from vmtool.demo import local_beanstalkd
     from vmtool.queue.beanstalk import Beanstalk, results_tube
     from vmtool.queue.client import put_items
-    from vmtool.queue.items import Item, Result, parse_item
+    from vmtool.queue.items import Item, ItemResult, parse_item
 
     rates = []
     with local_beanstalkd(work / "binlog") as addr:
@@ -174,7 +174,7 @@ def measure_queue(work: Path, n: int = 400) -> float:
                     assert job is not None
                     item = parse_item(job.body)
                     wk.job_counts(job.id)
-                    wk.put(Result(item.id, "ok", 0, vm="scale").encode(), tube=results_tube(tube), ttr=60)
+                    wk.put(ItemResult(item.id, "ok", 0, vm="scale").encode(), tube=results_tube(tube), ttr=60)
                     wk.defer_delete(job.id)
                 wk.flush()
                 rates.append(OPS_PER_ITEM * n / (time.perf_counter() - t0))

@@ -63,6 +63,18 @@ DEMO_ITEMS: list[dict[str, Any]] = [
 ]
 
 
+# The seed's flow ("Virtual Machines for OSG"): download a file, process it, upload the result. The
+# input comes from an HTTP server on loopback, the output goes to moto's S3 server on loopback (or to a
+# file:// directory when moto is not installed); the VM itself has no network.
+SEED_INPUT_BYTES = 4 << 20
+SEED_CMD = [
+    "sh",
+    "-c",
+    "gzip -c survey.dat > $VMTOOL_OUTDIR/survey.dat.gz && sha256sum survey.dat | cut -c1-16 && "
+    "cd $VMTOOL_OUTDIR && stat -c '%s %n' survey.dat.gz",
+]
+
+
 @dataclass
 class DemoOptions:
     items: int = 10
@@ -175,6 +187,68 @@ def _slot_cgroup(opts: DemoOptions, say: Say) -> Iterator[str | None]:
         slot.remove()
 
 
+@contextlib.contextmanager
+def _http_server(root: Path) -> Iterator[str]:
+    """A read-only HTTP server for `root` on a loopback port (the seed's file-sharing service)."""
+    import functools
+    import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=os.fspath(root))
+    )
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@contextlib.contextmanager
+def _seed_output(top: Path, say: Say) -> Iterator[tuple[str, str | None, Path]]:
+    """(output_url, S3 endpoint, file:// root): moto's S3 server on loopback if moto is installed (the
+    dev extras), else a directory in the demo's workdir."""
+    out_root = top / "outputs"
+    out_root.mkdir()
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        say(
+            "moto is not installed (pip install 'moto[server]'): the seed item uploads to a file:// directory"
+        )
+        yield f"file://{out_root}/{{id}}/", None, out_root
+        return
+    import boto3
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    # moto takes any credentials; only set them (for this process, while the demo runs) if none are.
+    saved = {
+        k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
+    os.environ.update(
+        {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1"}
+    )
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="vmtool-demo")
+        say(f"moto's S3 server on {endpoint} (bucket vmtool-demo)")
+        yield "s3://vmtool-demo/results/{id}/", endpoint, out_root
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
 def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
     from vmtool.image.build import build
     from vmtool.image.options import BuildOptions
@@ -241,6 +315,35 @@ def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
         say(f"beanstalkd on {addr[0]}:{addr[1]} (binlog in the demo directory)")
         parent = stack.enter_context(_slot_cgroup(opts, say))
 
+        seed_in = top / "www" / "survey.dat"
+        seed_in.parent.mkdir()
+        # Compressible but not trivial: lines of numbers.
+        with open(seed_in, "w") as f:
+            n = 0
+            while f.tell() < SEED_INPUT_BYTES:
+                f.write(f"{n} {n * n % 9973} {n * 7919 % 104729}\n")
+                n += 1
+        www = stack.enter_context(_http_server(seed_in.parent))
+        out_url, s3_endpoint, out_root = stack.enter_context(_seed_output(top, say))
+        seed = item_from_dict(
+            {
+                "v": 1,
+                "id": f"{len(items) + 1:02d}-seed-flow",
+                "cmd": SEED_CMD,
+                "inputs": {"survey.dat": {"url": f"{www}/survey.dat"}},
+                "output_url": out_url,
+            }
+        )
+        items.append(seed)
+        seed_info = {
+            "item": seed.id,
+            "input_url": f"{www}/survey.dat",
+            "input_bytes": seed_in.stat().st_size,
+            "output_url": out_url.replace("{id}", seed.id),
+            "store": "s3 (moto)" if s3_endpoint else "file",
+        }
+        say(f"seed flow: {www}/survey.dat -> VM (gzip) -> {out_url.replace('{id}', seed.id)}")
+
         tube = "demo"
         with Beanstalk(addr) as bs:
             put_items(bs, tube, items, ttr=60)
@@ -257,7 +360,17 @@ def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
             uri=opts.uri,
             name_prefix="vmtool-demo-",
         )
-        wopts = WorkerOptions(addr, tube, vms=opts.vms, idle_timeout=30, max_attempts=2)
+        wopts = WorkerOptions(
+            addr,
+            tube,
+            vms=opts.vms,
+            idle_timeout=30,
+            max_attempts=2,
+            cache_dir=top / "cache",
+            output_roots=(out_root,),
+            spool_dir=top / "spool",
+            s3_endpoint_url=s3_endpoint,
+        )
         done = 0
         worker: Worker | None = None
 
@@ -301,6 +414,7 @@ def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
         "build": {"backend": res.backend, "agent": res.manifest.agent},
         "results": results,
         "missing": [it.id for it in items if it.id not in got.results],
+        "seed_flow": seed_info,
         "duplicates_dropped": got.duplicates,
         "worker": report.to_dict(),
         "timings_s": timings,

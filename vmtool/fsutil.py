@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,3 +157,50 @@ def _mine(p: Path) -> bool:
             return False
         return st.st_uid == os.geteuid() and os.access(q, os.W_OK | os.X_OK)
     return False
+
+
+ZERO = bytes(1 << 20)
+
+
+class Cancelled(Exception):
+    """A long read stopped because its caller set the stop event."""
+
+
+def sha256_file(path: Path, *, sparse: bool = True, stop: threading.Event | None = None) -> str:
+    """sha256 of a file's bytes; holes are hashed from a zero buffer without reading them."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            if sparse:
+                try:
+                    data = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError:
+                    data = size
+                _hash_zeros(h, data - pos)
+                if data >= size:
+                    break
+                hole = os.lseek(fd, data, os.SEEK_HOLE)
+            else:
+                data, hole = pos, size
+            f.seek(data)
+            left = hole - data
+            while left > 0:
+                if stop is not None and stop.is_set():
+                    raise Cancelled()
+                buf = f.read(min(left, 8 << 20))
+                if not buf:
+                    raise VmtoolError(f"{path}: file shrank while it was read", hint="another process changed it; try again")
+                h.update(buf)
+                left -= len(buf)
+            pos = hole
+    return h.hexdigest()
+
+
+def _hash_zeros(h: hashlib._Hash, n: int) -> None:
+    while n > 0:
+        k = min(n, len(ZERO))
+        h.update(ZERO[:k] if k < len(ZERO) else ZERO)
+        n -= k

@@ -6,6 +6,7 @@ A second group drives Relay with a hostile peer to check that a lying guest cann
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pty
 import select
@@ -21,11 +22,12 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.beanstalk import BeanstalkServer
+from tests.fixtures.stage import HttpServer
 from vmtool.queue.agent import AGENT_VERSION, agent_files, agent_script
 from vmtool.queue.beanstalk import Beanstalk
 from vmtool.queue.client import collect_results, put_items, tube_stats
 from vmtool.queue.items import Item, job_script
-from vmtool.queue.relay import Relay, RelayError
+from vmtool.queue.relay import PROTOCOL_VERSION, Relay, RelayError
 from vmtool.run import DEVNULL, PIPE, Popen, spawn
 
 pytestmark = pytest.mark.integration
@@ -35,6 +37,7 @@ BUSYBOX = "/bin/busybox"
 
 class AgentOnPty:
     def __init__(self, tmp: Path, grace: int = 120) -> None:
+        self.tmp = tmp
         bindir = tmp / "bin"
         bindir.mkdir()
         for applet in (
@@ -64,6 +67,13 @@ class AgentOnPty:
             "od",
             "touch",
             "cp",
+            "dd",
+            "stat",
+            "du",
+            "grep",
+            "sha256sum",
+            "wget",
+            "ln",
         ):
             (bindir / applet).symlink_to(BUSYBOX)
         script = tmp / "agent.sh"
@@ -178,10 +188,48 @@ def test_agent_serves_items_until_stop(agent: AgentOnPty) -> None:
     assert (g.exit, g.stdout.strip(), g.stderr) == (7, b"1024", b"oops\n")
     assert g.outputs == {"copy.bin": payload}
 
-    # Only plain output names come back (the host would refuse the others).
+    # Only plain output names come back: any other name makes the item an error, nothing is taken.
     it_names = Item("names", ["sh", "-c", "cd $VMTOOL_OUTDIR && touch 'a b' -- -x .hidden ok.txt"])
     g_names = relay.run(9, job_script(it_names, {}), timeout_s=20, max_output=4096)
-    assert g_names.exit == 0 and g_names.outputs == {"ok.txt": b""}
+    assert g_names.exit == 0 and g_names.outputs == {}
+    assert g_names.output_error is not None and "not a plain file name" in g_names.output_error
+    it_link = Item("link", ["sh", "-c", "ln -s /etc/passwd $VMTOOL_OUTDIR/pw"])
+    g_link = relay.run(10, job_script(it_link, {}), timeout_s=20, max_output=4096)
+    assert g_link.output_error is not None and "symbolic link" in g_link.output_error
+
+    # Raw input files in, whole outputs out to a spool directory, checksummed on the way.
+    blob = os.urandom(3 << 20)
+    src = agent.tmp / "blob.bin"
+    src.write_bytes(blob)
+    spool = agent.tmp / "spool"
+    spool.mkdir()
+    it_big = Item("big", ["sh", "-c", "cat blob.bin blob.bin > $VMTOOL_OUTDIR/twice.bin; wc -c < blob.bin"])
+    g_big = relay.run(
+        11,
+        job_script(it_big, {}),
+        timeout_s=60,
+        max_output=4096,
+        files=[("blob.bin", src, len(blob))],
+        spool=spool,
+        max_output_bytes=8 << 20,
+    )
+    assert g_big.exit == 0 and g_big.stdout.strip() == str(len(blob)).encode()
+    path, size, sha = g_big.spooled["twice.bin"]
+    assert size == 2 * len(blob) and path.read_bytes() == blob + blob
+    assert sha == hashlib.sha256(blob + blob).hexdigest()
+    assert (g_big.bytes_in, g_big.bytes_out) == (len(blob), 2 * len(blob))
+    # Over the item's output limit: nothing is taken.
+    g_over = relay.run(
+        12,
+        job_script(it_big, {}),
+        timeout_s=60,
+        max_output=4096,
+        files=[("blob.bin", src, len(blob))],
+        spool=spool,
+        max_output_bytes=len(blob),
+    )
+    assert g_over.output_error is not None and "max_output_bytes" in g_over.output_error
+    assert g_over.bytes_out == 0
 
     # Hostile arguments stay arguments.
     it2 = Item("i2", ["printf", "%s|", "$(echo pwned)", "a b", "'q'"])
@@ -222,6 +270,7 @@ class HostileGuest:
         self.host, self.guest = socket.socketpair()
         self.host.settimeout(0.5)
         self.relay = Relay(self.host, name="evil")
+        self.relay.agent_version = PROTOCOL_VERSION
 
     def answer(self, data: bytes) -> None:
         self.guest.sendall(data)
@@ -235,11 +284,14 @@ class HostileGuest:
     "reply, words",
     [
         (b"x" * 10000, "longer than"),
-        (b"RESULT 1 0 0.1\nSTDOUT\n" + b"QUFB\n" * 3000 + b".\n", "more than max_output"),
-        (b"RESULT 1 0 0.1\nSTDOUT\n@@@@\n.\n", "invalid base64"),
-        (b"RESULT 9 0 0.1\n", "malformed RESULT"),
-        (b"RESULT 1 0 0.1\nSTDOUT\n.\nSTDERR\n.\nOUTPUT ../../etc/passwd\n", "unexpected line"),
-        (b"RESULT 1 0 0.1\nSTDOUT\n.\n", "went away"),
+        (b"RESULT 1 0 0.1 0\nSTDOUT\n" + b"QUFB\n" * 3000 + b".\n", "more than max_output"),
+        (b"RESULT 1 0 0.1 0\nSTDOUT\n@@@@\n.\n", "invalid base64"),
+        (b"RESULT 9 0 0.1 0\n", "malformed RESULT"),
+        (b"RESULT 1 0 0.1\n", "malformed RESULT"),
+        (b"RESULT 1 0 0.1 0\nSTDOUT\n.\nSTDERR\n.\nOUTPUT ../../etc/passwd\n", "expected OUTPUTS"),
+        (b"RESULT 1 0 0.1 0\nSTDOUT\n.\nSTDERR\n.\nOUTPUTS 1\nf 5 ok\nDATA ok 999\n", "expected DATA"),
+        (b"RESULT 1 0 0.1 0\nSTDOUT\n.\nSTDERR\n.\nOUTPUTS 1\nf 5 ok\nDATA ok 5\nab", "went away"),
+        (b"RESULT 1 0 0.1 0\nSTDOUT\n.\n", "went away"),
         (b"\xff\xfe\n", "non-ASCII"),
         (b"rm -rf /\n", "unexpected line"),
     ],
@@ -252,6 +304,30 @@ def test_relay_refuses_a_lying_guest(reply: bytes, words: str) -> None:
         with pytest.raises(RelayError) as e:
             h.relay.run(1, "true\n", timeout_s=2, max_output=1000, grace=1)
         assert words in e.value.message
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize(
+    "listing, words",
+    [
+        (b"f 5 ../../etc/passwd\n", "not a plain file name"),
+        (b"f 5 /etc/passwd\n", "not a plain file name"),
+        (b"n 5 ?\n", "not a plain file name"),
+        (b"l 0 pw\n", "symbolic link"),
+        (b"d 0 sub\n", "directory"),
+    ],
+)
+def test_relay_takes_no_output_that_leaves_its_directory(listing: bytes, words: str) -> None:
+    """A guest that names outputs outside $VMTOOL_OUTDIR gets an error result; the host asks for nothing."""
+    h = HostileGuest()
+    try:
+        h.answer(b"RESULT 1 0 0.1 0\nSTDOUT\n.\nSTDERR\n.\nOUTPUTS 1\n" + listing + b"END 1\n")
+        g = h.relay.run(1, "true\n", timeout_s=2, max_output=1000, grace=1)
+        assert g.output_error is not None and words in g.output_error
+        assert not g.outputs and not g.spooled
+        h.guest.settimeout(1)
+        assert h.guest.recv(65536).split(b"\n")[-2] == b"DONE"  # no SEND went out
     finally:
         h.close()
 
@@ -319,3 +395,66 @@ def test_direct_mode_agent_speaks_beanstalkd_itself(agent: AgentOnPty, beanstalk
         st = tube_stats(bs, "d")
     assert st["tubes"]["d"]["buried"] == 1 and st["tubes"]["d"]["ready"] == 0
     assert "no cmd" in st["buried"][0]["reason"]
+
+
+@pytest.mark.queue
+def test_direct_mode_agent_fetches_checks_and_puts_data(
+    agent: AgentOnPty, beanstalkd: BeanstalkServer, http_server: HttpServer
+) -> None:
+    """Direct mode: the agent fetches http inputs itself (sha256 checked) and PUTs outputs to output_url."""
+    data = os.urandom(200_000)
+    (http_server.root / "in.bin").write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    up = http_server.url("up/{id}/")
+    with Beanstalk(beanstalkd.address) as bs:
+        put_items(
+            bs,
+            "dd",
+            [
+                Item(
+                    "flow",
+                    ["sh", "-c", "cat in.bin in.bin > $VMTOOL_OUTDIR/twice.bin"],
+                    {"in.bin": {"url": http_server.url("in.bin"), "sha256": sha}},
+                    output_url=up,
+                ),
+                Item("badsum", ["true"], {"in.bin": {"url": http_server.url("in.bin"), "sha256": "1" * 64}}),
+                Item("missing", ["true"], {"x": {"url": http_server.url("nope.bin")}}),
+                Item("s3in", ["true"], {"x": {"url": "s3://b/k"}}),
+                Item("link", ["sh", "-c", "ln -s /etc/passwd $VMTOOL_OUTDIR/pw"], output_url=up),
+                Item(
+                    "big",
+                    ["sh", "-c", "head -c 3000 /dev/zero > $VMTOOL_OUTDIR/z"],
+                    output_url=up,
+                    max_output_bytes=1000,
+                ),
+            ],
+            ttr=30,
+        )
+    agent.host_sock.settimeout(1.0)
+    relay = Relay(agent.host_sock, name="pty")
+    relay.wait_hello(timeout=20)
+    relay.send(f"DIRECT 127.0.0.1 {beanstalkd.port} dd 1 2 vm-direct\n")
+    assert agent.proc.wait(60) == 0
+    with Beanstalk(beanstalkd.address, watch="dd.results") as rb:
+        got = collect_results(rb, want=6, timeout=5).results
+    r = got["flow"]
+    assert r["status"] == "ok", r
+    assert r["outputs"] == {
+        "twice.bin": {
+            "url": http_server.url("up/flow/twice.bin"),
+            "size": 2 * len(data),
+            "sha256": hashlib.sha256(data + data).hexdigest(),
+        }
+    }
+    assert http_server.uploads["/up/flow/twice.bin"] == data + data
+    assert (r["bytes_in"], r["bytes_out"]) == (len(data), 2 * len(data))
+    for iid, words in [
+        ("badsum", "checksum mismatch"),
+        ("missing", "cannot fetch"),
+        ("s3in", "only http(s) inputs"),
+        ("link", "symbolic link"),
+        ("big", "max_output_bytes"),
+    ]:
+        assert got[iid]["status"] == "error" and words in got[iid]["error"], got[iid]
+        assert got[iid]["outputs"] == {}
+    assert set(http_server.uploads) == {"/up/flow/twice.bin"}

@@ -10,7 +10,7 @@ import pytest
 from tests.fixtures.beanstalk import BeanstalkServer, free_port
 from vmtool.cli.main import main
 from vmtool.queue.beanstalk import Beanstalk
-from vmtool.queue.items import MAX_ITEM_BYTES, Result
+from vmtool.queue.items import MAX_ITEM_BYTES, ItemResult
 
 pytestmark = pytest.mark.queue
 
@@ -100,7 +100,7 @@ def test_results_dedup_wait_and_keep(
 ) -> None:
     with Beanstalk(beanstalkd.address) as bs:
         for rid, out in (("x", "first"), ("y", "y"), ("x", "retry duplicate")):
-            bs.put(Result(rid, "ok", 0, stdout=out, vm="vm0").encode(), tube="t3.results")
+            bs.put(ItemResult(rid, "ok", 0, stdout=out, vm="vm0").encode(), tube="t3.results")
         bs.put(b"garbage", tube="t3.results")
     d = _json(
         capsys, ["queue", "results", "--server", beanstalkd.server, "--tube", "t3", "--keep", "--json"]
@@ -159,3 +159,38 @@ def test_work_refuses_images_without_an_agent(
     assert "has no vmtool guest agent" in capsys.readouterr().err
     assert main(["queue"]) == 2
     assert "put" in capsys.readouterr().err
+
+
+def test_put_url_inputs_and_output_url_and_stats_totals(
+    beanstalkd: BeanstalkServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sha = "ab" * 32
+    argv = ["queue", "put", "--server", beanstalkd.server, "--tube", "dp", "--id", "x1", "--json"]
+    argv += ["--input-url", f"in.bin=https://example.invalid/in.bin#sha256={sha}"]
+    argv += [
+        "--output-url",
+        "s3://bucket/out/{id}/",
+        "--max-input-bytes",
+        "1000",
+        "--scratch-bytes",
+        "2000000",
+    ]
+    _json(capsys, [*argv, "--", "wc", "-c", "in.bin"])
+    with Beanstalk(beanstalkd.address, watch="dp") as bs:
+        job = bs.reserve(timeout=1)
+        assert job is not None
+        item = json.loads(job.body)
+        bs.release(job.id)
+        for i, (bin_, bout, s) in enumerate([(10, 20, 0.5), (1, 2, 0.25)]):
+            r = ItemResult(f"r{i}", "ok", 0, bytes_in=bin_, bytes_out=bout, transfer_s=s)
+            bs.put(r.encode(), tube="dp.results")
+    assert item["inputs"] == {"in.bin": {"url": "https://example.invalid/in.bin", "sha256": sha}}
+    assert item["output_url"] == "s3://bucket/out/{id}/"
+    assert item["limits"]["max_input_bytes"] == 1000 and item["limits"]["scratch_bytes"] == 2000000
+    st = _json(capsys, ["queue", "stats", "--server", beanstalkd.server, "--tube", "dp", "--json"])
+    assert st["transfer"] == {"results": 2, "bytes_in": 11, "bytes_out": 22, "transfer_s": 0.75}
+    # The results are still there for `queue results`.
+    assert st["tubes"]["dp.results"]["ready"] == 2
+    # An output_url without {id} is refused before anything is put.
+    bad = _json(capsys, [*argv, "--output-url", "s3://bucket/out/", "--", "true"], code=1)
+    assert "{id}" in bad["stderr"]

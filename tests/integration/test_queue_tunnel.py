@@ -14,7 +14,7 @@ from tests.fixtures.stage import SshServer
 from vmtool.cli.main import main
 from vmtool.errors import QueueError
 from vmtool.queue.beanstalk import Beanstalk
-from vmtool.queue.items import Result
+from vmtool.queue.items import ItemResult
 from vmtool.run import run
 
 pytestmark = pytest.mark.queue
@@ -43,7 +43,7 @@ def test_put_results_stats_through_an_ssh_tunnel(
         job = bs.reserve(0)
         assert job is not None and json.loads(job.body)["cmd"] == ["echo", "hi"]
         bs.release(job.id)
-        bs.put(Result("t1", "ok", 0, stdout="hi\n").encode(), tube="tun.results")
+        bs.put(ItemResult("t1", "ok", 0, stdout="hi\n").encode(), tube="tun.results")
     assert main(["queue", "stats", *via, "--tube", "tun", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tubes"]["tun"]["ready"] == 1
     assert main(["queue", "results", *via, "--tube", "tun", "--wait", "1", "--timeout", "10", "--json"]) == 0

@@ -329,3 +329,23 @@ def test_osg_squid_location_unavailable_is_direct_without_warning(
     r = stage(origin.url("root.img"), tmp_path / "node", env_for("UNAVAILABLE"))
     assert r.rc == 0 and r.warnings == [], r.stderr
     assert r.result["fetched_via"] == "direct"
+
+
+def test_queue_inputs_go_through_the_site_squid(
+    tmp_path: Path, squid: Squid, origin: Origin, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The queue worker's URL inputs use stage's fetch: two nodes' workers, one body from the origin.
+    from vmtool.queue.data import Inputs
+    from vmtool.stage.cache import Cache
+
+    monkeypatch.setenv("OSG_SQUID_LOCATION", squid.location)
+    for k in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+    got = [
+        Inputs(Cache.open(tmp_path / f"node{i}")).get("i", "in.img", {"url": origin.url("root.img")}, max_bytes=1 << 30)
+        for i in range(2)
+    ]
+    assert {g.sha256 for g in got} == {sha256(image)}
+    assert origin.body_bytes("root.img") == image.stat().st_size
+    assert all(s.via for s in origin.log), "a request reached the origin without the proxy"
+    assert len([ln for ln in squid.access() if " GET " in ln]) == 2

@@ -27,7 +27,9 @@ MACHINES = ("pc", "pc-i440fx-7.2", "q35", "pc-q35-7.2", "pc-q35-7.1")
 TCG = HostFacts("/usr/bin/qemu-system-x86_64", "x86_64", MACHINES, ("qemu", "kvm"), False, "test")
 KVM = HostFacts("/usr/bin/qemu-system-x86_64", "x86_64", MACHINES, ("qemu", "kvm"), True, "test")
 SLOT = Slot(cpus=2, memory_mib=2048, source="machine-ad", name="slot1_1@wn", job_id="42.0")
-QCOW2_HEADER = b"QFI\xfb" + bytes(508)
+# A whole qcow2 v3 header (1 GiB, 64 KiB clusters, header length 104, no extensions) in one sector.
+QCOW2_HEADER = (b"QFI\xfb" + (3).to_bytes(4, "big") + bytes(12) + (16).to_bytes(4, "big") + (1 << 30).to_bytes(8, "big")
+                + bytes(68) + (104).to_bytes(4, "big") + bytes(408))
 
 
 def qcow2(path: Path) -> Path:

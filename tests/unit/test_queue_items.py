@@ -14,7 +14,7 @@ from vmtool.queue.items import (
     MAX_RESULT_BYTES,
     Item,
     ItemError,
-    Result,
+    ItemResult,
     item_from_dict,
     job_script,
     parse_item,
@@ -47,7 +47,7 @@ def test_item_roundtrip() -> None:
         (b'{"v":1,"id":"a","cmd":["x"],"bogus":1}', "unknown item field"),
         (b'{"v":1,"id":"a","cmd":["x"],"inputs":{"../etc/passwd":{"data":""}}}', "input name"),
         (b'{"v":1,"id":"a","cmd":["x"],"inputs":{"f":{"data":"@@@"}}}', "base64"),
-        (b'{"v":1,"id":"a","cmd":["x"],"inputs":{"f":{"url":"file:///etc/passwd"}}}', "http"),
+        (b'{"v":1,"id":"a","cmd":["x"],"inputs":{"f":{"url":"ftp://h/x"}}}', "s3://"),
         (b'{"v":1,"id":"a","cmd":["x"],"limits":{"timeout_s":0}}', "timeout_s"),
         (b'{"v":1,"id":"a","cmd":["x"],"limits":{"timeout_s":true}}', "timeout_s"),
         (b'{"v":1,"id":"a","cmd":["x"],"limits":{"max_output":99999999}}', "max_output"),
@@ -91,7 +91,7 @@ def test_job_script_quotes_hostile_arguments() -> None:
 
 
 def test_result_encode_trims_to_fit() -> None:
-    r = Result("a", "ok", 0, stdout="o" * 20000, stderr="e" * 20000, outputs={"f": "A" * 40000})
+    r = ItemResult("a", "ok", 0, stdout="o" * 20000, stderr="e" * 20000, outputs={"f": "A" * 40000})
     body = r.encode()
     assert len(body) <= MAX_RESULT_BYTES
     d = parse_result(body)
@@ -117,3 +117,46 @@ def test_addresses_tubes_and_via() -> None:
     for bad in ("alice@host", "ssh://host", "ssh://a@h:0", "ssh://a@h;x"):
         with pytest.raises(QueueError):
             parse_via(bad)
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        ({"output_url": "s3://b/p/"}, "{id}"),
+        ({"output_url": "s3://b/p/{id}"}, "end with '/'"),
+        ({"output_url": "ftp://h/{id}/"}, "s3://"),
+        ({"output_url": "s3://b/{id}/{x}/"}, "braces"),
+        ({"inputs": {"f": {"url": "https://h/f", "sha256": "XYZ"}}}, "sha256"),
+        ({"inputs": {"f": {"url": "https://h/f", "size": 3}}}, "only url and sha256"),
+        ({"inputs": {"f": {"url": "https://h/f#frag"}}}, "fragment"),
+        ({"inputs": {"f": {"data": "", "sha256": "0" * 64}}}, "no other field"),
+        ({"limits": {"scratch_bytes": 10}}, "scratch_bytes"),
+        ({"limits": {"max_input_bytes": -1}}, "max_input_bytes"),
+    ],
+)
+def test_bad_data_fields_rejected(extra: dict, words: str) -> None:
+    with pytest.raises(ItemError) as e:
+        item_from_dict({"v": 1, "id": "a", "cmd": ["x"], **extra})
+    assert words in e.value.message + (e.value.hint or "")
+
+
+def test_data_fields_roundtrip_and_output_prefix() -> None:
+    from vmtool.queue.items import output_prefix
+
+    d = {
+        "v": 1,
+        "id": "a.1",
+        "cmd": ["x"],
+        "inputs": {"f": {"url": "sftp://u@h:2222/p/f", "sha256": "a" * 64}, "g": {"url": "file:///d/g"}},
+        "output_url": "s3://b/run/{id}/",
+        "limits": {"max_input_bytes": 5, "max_output_bytes": 6, "scratch_bytes": 1 << 21},
+    }
+    it = item_from_dict(d)
+    assert parse_item(it.encode()) == it
+    assert output_prefix(it) == "s3://b/run/a.1/"
+    assert (it.max_input_bytes, it.max_output_bytes, it.scratch_bytes) == (5, 6, 1 << 21)
+    r = ItemResult("a.1", "ok", 0, outputs={"o": {"url": "s3://b/run/a.1/o", "size": 1, "sha256": "b" * 64}})
+    r.stdout = "x" * 70000
+    back = json.loads(r.encode())
+    # Trimmed to fit one job: uploaded outputs (only their URLs) stay.
+    assert back["truncated"] is True and back["outputs"]["o"]["size"] == 1

@@ -59,6 +59,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="NAME=PATH",
         help="inline input file for a single command (repeatable)",
     )
+    p.add_argument(
+        "--input-url",
+        action="append",
+        default=[],
+        metavar="NAME=URL[#sha256=HEX]",
+        help="URL input (http(s), s3, sftp, file) fetched by the worker, any size (repeatable)",
+    )
+    p.add_argument(
+        "--output-url",
+        metavar="URL",
+        help="upload every output to URL<name>: s3://b/p/{id}/, sftp://h/p/{id}/, http(s) PUT prefix, file:///d/{id}/",
+    )
+    p.add_argument("--max-input-bytes", type=int, default=None, help="limit on the item's input bytes")
+    p.add_argument("--max-output-bytes", type=int, default=None, help="limit on its uploaded output bytes")
+    p.add_argument("--scratch-bytes", type=int, default=None, help="guest scratch space (tmpfs) for the item")
     p.add_argument("--timeout-s", type=int, default=None, help="per-item run time limit in seconds")
     p.add_argument("--max-output", type=int, default=None, help="bytes of stdout/stderr tail kept")
     p.add_argument(
@@ -112,6 +127,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(each VM in its own network namespace, counted and limited by --allow-net; root), or a libvirt network",
     )
     add_net_options(w)
+    w.add_argument(
+        "--input-root",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="file:// inputs may be read under DIR (repeatable; none: file:// inputs are refused)",
+    )
+    w.add_argument(
+        "--output-root",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="file:// output_urls may be written under DIR (repeatable; none: refused)",
+    )
+    w.add_argument("--cache", type=Path, help="node cache for URL inputs (default: vmtool's, see docs/stage.md)")
+    w.add_argument("--spool", type=Path, help="where outputs wait for their upload (default: $TMPDIR)")
+    w.add_argument("--endpoint-url", help="S3 endpoint for s3:// inputs and outputs (default: AWS_ENDPOINT_URL)")
     w.set_defaults(func=_work)
 
     def usage(a: argparse.Namespace) -> int:
@@ -148,8 +182,8 @@ def _put(args: argparse.Namespace) -> int:
             "give either --file ITEMS.jsonl or -- CMD ARGS", hint="see 'vmtool queue put --help'"
         )
     if args.file:
-        if args.input or args.id:
-            raise QueueError("--input and --id go with a single command, not --file")
+        if args.input or args.id or args.input_url or args.output_url:
+            raise QueueError("--input, --input-url, --output-url and --id go with a single command, not --file")
         try:
             text = sys.stdin.read() if str(args.file) == "-" else args.file.read_text()
         except (OSError, UnicodeDecodeError) as e:
@@ -171,7 +205,23 @@ def _put(args: argparse.Namespace) -> int:
                 inputs[name] = {"data": base64.b64encode(Path(path).read_bytes()).decode()}
             except OSError as e:
                 raise QueueError(f"--input {name}: cannot read {path}: {e.strerror}") from None
+        for spec in args.input_url:
+            name, sep, url = spec.partition("=")
+            if not sep:
+                raise QueueError(f"--input-url {spec!r}: use NAME=URL")
+            url, _, frag = url.partition("#")
+            entry = {"url": url}
+            if frag:
+                if not frag.startswith("sha256="):
+                    raise QueueError(f"--input-url {name}: the fragment may only be #sha256=HEX")
+                entry["sha256"] = frag[len("sha256=") :].lower()
+            inputs[name] = entry
         d: dict[str, Any] = {"cmd": cmd, "inputs": inputs, "limits": {}}
+        if args.output_url:
+            d["output_url"] = args.output_url
+        for k in ("max_input_bytes", "max_output_bytes", "scratch_bytes"):
+            if getattr(args, k) is not None:
+                d["limits"][k] = getattr(args, k)
         if args.id:
             d["id"] = args.id
         if args.timeout_s is not None:
@@ -209,9 +259,15 @@ def format_result_line(d: dict[str, Any]) -> str:
     if len(out) > 60:
         out = out[:57] + "..."
     ex = d.get("exit")
+    extra = ""
+    if d.get("error"):
+        extra = f"\terror: {str(d['error'])[:200]}"
+    ups = {k: v for k, v in (d.get("outputs") or {}).items() if isinstance(v, dict)}
+    if ups:
+        extra += "\t" + ", ".join(f"{v.get('url')} ({v.get('size')} B)" for v in ups.values())
     return (
         f"{d.get('id')}\t{d.get('status')}\texit={'-' if ex is None else ex}\t"
-        f"{float(d.get('duration_s') or 0):.2f}s\t{d.get('vm') or '-'}\t{out}"
+        f"{float(d.get('duration_s') or 0):.2f}s\t{d.get('vm') or '-'}\t{out}{extra}"
     )
 
 
@@ -227,6 +283,11 @@ def _stats(args: argparse.Namespace) -> int:
         lines.append(
             f"{t:<40} {v['ready']:>6} {v['reserved']:>8} {v['delayed']:>7} {v['buried']:>6} {v['total-jobs']:>6}"
         )
+    tr = st["transfer"]
+    lines.append(
+        f"data over the {tr['results']} results not yet collected: {tr['bytes_in']} bytes in,"
+        f" {tr['bytes_out']} bytes out, {tr['transfer_s']:.1f} s transferring"
+    )
     for b in st["buried"]:
         lines.append(f"buried job {b.get('job')} (item {b.get('item_id')}): {b.get('reason')}")
     emit(args, st, "\n".join(lines))
@@ -267,6 +328,11 @@ def _work(args: argparse.Namespace) -> int:
             idle_timeout=args.idle_timeout,
             max_attempts=args.max_attempts,
             mode=args.mode,
+            cache_dir=args.cache,
+            input_roots=tuple(args.input_root),
+            output_roots=tuple(args.output_root),
+            spool_dir=args.spool,
+            s3_endpoint_url=args.endpoint_url,
         )
         worker = Worker(opts, factory, on_event=None if args.json else _progress_printer())
         stack.enter_context(_on_sigterm(worker))

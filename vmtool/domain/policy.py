@@ -45,7 +45,8 @@ from vmtool.domain.model import CPU, Disk, Domain, Interface
 from vmtool.domain.sanitise import Notes, Sandbox
 from vmtool.domain.sizing import TCG_TB_CACHE_MIB, max_guest_memory, qemu_overhead_mib, to_mib
 from vmtool.domain.slot import Slot
-from vmtool.errors import DomainError
+from vmtool.errors import DomainError, ImageError
+from vmtool.image import formats
 
 if TYPE_CHECKING:
     from vmtool.launch.host import HostFacts
@@ -412,44 +413,26 @@ class _Renderer:
         return (self.opts.console_log or self.sandbox.root / f"{self.dom.name}.console.log").resolve()
 
 
-def _sandbox_image_format(p: Path | None) -> tuple[str | None, str]:
-    """(format, '') of a file the domain keeps from the sandbox, or (None, why it is refused).
+# Images in the sandbox are the job's: they stand alone. The overlays given with --disk are vmtool's own,
+# staged on a base in a cache render does not know. Render reads headers only; it runs no qemu-img.
+SANDBOX_DISK_POLICY = formats.Policy(whole_sectors=False, qemu=False)
+OVERLAY_POLICY = formats.Policy(backing_roots=formats.ANYWHERE, qemu=False)
 
-    A qcow2 image may name a backing file or an external data file anywhere on the host, which qemu
-    would open: such images are refused (the staged overlays given with --disk are vmtool's own)."""
+
+def _sandbox_image_format(p: Path | None) -> tuple[str | None, str]:
+    """(format, '') of a file the domain keeps from the sandbox, or (None, why it is refused)."""
     if p is None or not p.exists():
         return None, ""  # libvirt reports a missing file itself
     try:
-        with open(p, "rb") as f:
-            head = f.read(104)
-    except OSError as e:
-        return None, f"unreadable ({e.strerror})"
-    if head[:4] != b"QFI\xfb":
-        return "raw", ""
-    backing_offset = int.from_bytes(head[8:16], "big")
-    version = int.from_bytes(head[4:8], "big")
-    incompatible = int.from_bytes(head[72:80], "big") if version >= 3 and len(head) >= 80 else 0
-    if backing_offset:
-        return None, "a qcow2 image with a backing file (it could name any host file)"
-    if incompatible & 0x4:
-        return None, "a qcow2 image with an external data file"
-    return "qcow2", ""
+        info = formats.check(p, None, SANDBOX_DISK_POLICY)
+    except ImageError as e:
+        return None, f"{e.message} ({e.hint})" if e.hint else e.message
+    return info.format, ""
 
 
 def _check_overlay(p: Path) -> None:
-    try:
-        st = p.stat()
-        with open(p, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise DomainError(f"disk {p}: {e.strerror}", hint="give the overlay made by 'vmtool stage'") from None
-    import stat as statmod
-
-    if not statmod.S_ISREG(st.st_mode):
-        raise DomainError(f"disk {p} is not a regular file", hint="give a qcow2 overlay file")
-    if magic != b"QFI\xfb":
-        raise DomainError(f"disk {p} is not a qcow2 image",
-                          hint="make an overlay: qemu-img create -f qcow2 -F raw -b BASE OVERLAY.qcow2")
+    """A --disk overlay: qcow2, its backing file (a staged base) a plain file with its format named."""
+    formats.check(p, "qcow2", OVERLAY_POLICY, what=f"disk {p}", error=DomainError)
 
 
 def kernel_words(args: tuple[str, ...] | list[str]) -> list[str]:

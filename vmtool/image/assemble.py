@@ -16,7 +16,6 @@ build assembles to the same bytes (and `vmtool publish` finds it again by checks
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -26,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmtool.errors import ImageError, VmtoolError
-from vmtool.fsutil import os_error
+from vmtool.fsutil import os_error, sha256_file
+from vmtool.image import formats
 from vmtool.log import step
 from vmtool.manifest import DiskInfo, ImageFormat, Manifest
-from vmtool.run import QEMU_IMG_LIMITS, run
+from vmtool.run import run
 
 STUB_DIRS = (Path("/usr/lib/systemd/boot/efi"), Path("/usr/lib/systemd/efi"))
 STUB_NAME = "linuxx64.efi.stub"
@@ -44,11 +44,12 @@ ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
 # 2000-01-01T00:00:00Z: a fixed time for FAT entries, so the image is reproducible.
 FIXED_MTIME = 946684800
 FORMATS = tuple(f.value for f in ImageFormat)
+ROOTFS_POLICY = formats.Policy()  # the rootfs stands alone; raw or qcow2 as its manifest says
 COPY_CHUNK = 4 * MIB
 
 
 @dataclass(frozen=True)
-class Layout:
+class PartitionPlan:
     """Sector numbers of the two partitions and the disk's total size."""
 
     esp_start: int
@@ -66,14 +67,14 @@ def _align_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
-def plan_layout(esp_bytes: int, root_bytes: int) -> Layout:
+def plan_layout(esp_bytes: int, root_bytes: int) -> PartitionPlan:
     """1 MiB-aligned partitions, with room for the backup GPT (33 sectors) at the end."""
     esp_start = ALIGN_SECTORS
     esp_sectors = _align_up(esp_bytes, MIB) // SECTOR
     root_start = _align_up(esp_start + esp_sectors, ALIGN_SECTORS)
     root_sectors = _align_up(root_bytes, MIB) // SECTOR
     total = root_start + root_sectors + ALIGN_SECTORS
-    return Layout(esp_start, esp_sectors, root_start, root_sectors, total)
+    return PartitionPlan(esp_start, esp_sectors, root_start, root_sectors, total)
 
 
 def esp_size_for(payload_bytes: int) -> int:
@@ -203,34 +204,11 @@ def sparse_copy(src: Path, dst_fd: int, offset: int) -> None:
             pos = hole
 
 
-def _image_info(path: Path, fmt: str) -> dict[str, object]:
-    """qemu-img info with the format forced (no probing) and nova's resource limits: images are hostile."""
-    proc = run(
-        ["qemu-img", "info", "--output=json", "-f", fmt, os.fspath(path)],
-        limits=QEMU_IMG_LIMITS,
-        hint="the build's root filesystem image is unreadable; rebuild it with 'vmtool build'",
-    )
-    try:
-        info = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        raise ImageError(f"qemu-img info gave no JSON for {path}") from None
-    if not isinstance(info, dict):
-        raise ImageError(f"qemu-img info gave no JSON object for {path}")
-    return info
-
-
 def _guid(seed: bytes, what: str) -> str:
     return str(
         uuid.uuid5(uuid.NAMESPACE_URL, f"vmtool-disk:{what}:{hashlib.sha256(seed).hexdigest()}")
     ).upper()
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(COPY_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def root_cmdline(m: Manifest) -> str:
@@ -264,10 +242,9 @@ def assemble_disk(m: Manifest, out: Path, fmt: str) -> DiskInfo:
             raise VmtoolError(f"the build's {what} {p} is missing", hint="rebuild it with 'vmtool build'")
     if m.rootfs.format not in FORMATS:
         raise ImageError(f"the build's root filesystem has an unsupported format {m.rootfs.format!r}")
-    info = _image_info(rootfs, m.rootfs.format)
-    root_bytes = int(str(info.get("virtual-size", 0)))
-    if root_bytes <= 0:
-        raise ImageError(f"{rootfs} has no size", hint="rebuild it with 'vmtool build'")
+    # The build's own output, but read as hostile as any image: its header first, then qemu-img under limits.
+    what = f"the build's root filesystem {rootfs}"
+    root_bytes = formats.check(rootfs, m.rootfs.format, ROOTFS_POLICY, what=what).virtual_size
     stub = find_stub()
     seed = f"{m.rootfs.sha256}:{m.kernel.sha256}:{m.initrd.sha256}:{root_cmdline(m)}".encode()
 

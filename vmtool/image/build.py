@@ -18,7 +18,7 @@ from typing import Any
 
 from vmtool import __version__
 from vmtool.errors import CommandError, ImageError, VmtoolError
-from vmtool.fsutil import atomic_dir, os_error
+from vmtool.fsutil import atomic_dir, os_error, sha256_file
 from vmtool.image import fstab as fstabmod
 from vmtool.image import initsys
 from vmtool.image.extfs import ExtFs
@@ -46,7 +46,7 @@ from vmtool.image.inspect import (
     reader_for,
 )
 from vmtool.image.options import DEFAULT_LABEL, Backend, BuildOptions, check_label
-from vmtool.image.source import BackgroundHash, Source, open_source, raw_view, sha256_file
+from vmtool.image.source import BackgroundHash, Source, open_source, raw_view
 from vmtool.manifest import BootFile, DiskInfo, ImageFormat, Manifest, RootfsInfo, SourceInfo
 from vmtool.queue.agent import AgentMode
 from vmtool.run import run
@@ -152,7 +152,7 @@ class Work:
 
 
 @dataclass(frozen=True)
-class BootFiles:
+class CopiedBoot:
     """The kernel and initrd copied out of the guest."""
 
     kernel: Kernel
@@ -361,7 +361,7 @@ def _build_in(
         raise
 
 
-def _check_initrd(boot: BootFiles, layout: Layout, work: Work) -> InitrdReport:
+def _check_initrd(boot: CopiedBoot, layout: Layout, work: Work) -> InitrdReport:
     """Read the initrd copied out, with the kernel's config: refuse one that cannot boot from any disk."""
     from vmtool.image import initrd as initrdmod
 
@@ -397,7 +397,7 @@ def _check_initrd(boot: BootFiles, layout: Layout, work: Work) -> InitrdReport:
 
 def _guestfs(
     layout: Layout, work: Work, edits: Edits, kernel_version: str | None
-) -> tuple[BootFiles, RootOutput, GuestReport]:
+) -> tuple[CopiedBoot, RootOutput, GuestReport]:
     from vmtool.image import guestfs_backend  # lazy: needs the guestfs binding
 
     reports: list[GuestReport] = []
@@ -419,7 +419,7 @@ def _guestfs(
         prepare=prepare,
         kernel_version=kernel_version,
     )
-    return BootFiles(kernel, kpath, ipath), RootOutput(fstab_before, fstab_after), reports[0]
+    return CopiedBoot(kernel, kpath, ipath), RootOutput(fstab_before, fstab_after), reports[0]
 
 
 def _fsync(*paths: Path) -> None:
@@ -460,7 +460,7 @@ def _native(
     materialized: dict[str, Path],
     *,
     initrd_check: bool,
-) -> tuple[BootFiles, RootOutput, GuestReport]:
+) -> tuple[CopiedBoot, RootOutput, GuestReport]:
     """The native backend: the kernel and initrd are copied out (and hashed, and the initrd checked)
     on a thread while the root volume is copied and changed on this one, itself hashed on a third as
     it is written."""
@@ -476,7 +476,7 @@ def _native(
 
     edits, report = guest_edits(edits, tree, layout.init, existing)
     _copy_config(tree, kernel.version, work.tmp)
-    boot = BootFiles(kernel, work.tmp / f"vmlinuz-{kernel.version}", work.tmp / f"initrd.img-{kernel.version}")
+    boot = CopiedBoot(kernel, work.tmp / f"vmlinuz-{kernel.version}", work.tmp / f"initrd.img-{kernel.version}")
     boot_sha: list[str] = []
     dump_errors: list[BaseException] = []
     checked: list[InitrdReport] = []
@@ -533,7 +533,7 @@ def _locate(layout: Layout, work: Work, materialized: dict[str, Path]) -> GuestF
     return GuestFilesystems(root_fs, boot_fs, copied)
 
 
-def _copy_boot_files(guest: GuestFilesystems, boot: BootFiles) -> tuple[str, str]:
+def _copy_boot_files(guest: GuestFilesystems, boot: CopiedBoot) -> tuple[str, str]:
     """Copy the kernel and initrd out of the (unchanged) guest filesystems; returns their sha256."""
     kernel = boot.kernel
     assert kernel.initrd_real is not None

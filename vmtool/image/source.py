@@ -1,16 +1,13 @@
-"""The input disk: format detection without probing by qemu, qcow2 safety checks, and a raw view of it.
+"""The input disk: checked by vmtool.image.formats, then a raw view of it.
 
-A qcow2 input is checked with `qemu-img info -f qcow2 --force-share` under resource limits, and refused
-if it names a backing file or an external data file (never followed: CVE-2024-32498 class). vmtool then
-reads a sparse raw copy of it made by `qemu-img convert` beside the output, so every parser works on
-plain byte offsets.
+A qcow2 input must stand alone (no backing or external data file, never followed: CVE-2024-32498
+class) and pass `qemu-img check`; vmtool then reads a sparse raw copy of it made by `qemu-img convert`
+beside the output, so every parser works on plain byte offsets.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import threading
 from collections.abc import Iterator
@@ -18,120 +15,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmtool.errors import CommandError, ImageError
-from vmtool.fsutil import os_error
-from vmtool.run import QEMU_IMG_LIMITS, run
+from vmtool.fsutil import Cancelled, os_error, sha256_file
+from vmtool.image import formats
+from vmtool.run import run
 
-QCOW2_MAGIC = b"QFI\xfb"
-OTHER_MAGICS = {
-    b"KDMV": "vmdk",
-    b"# Disk Descriptor": "vmdk",
-    b"vhdxfile": "vhdx",
-    b"conectix": "vhd",
-    b"<<< Oracle VM VirtualBox Disk Image >>>": "vdi",
-}
-FORMATS = ("raw", "qcow2")
-ZERO = bytes(1 << 20)
+# A build reads a disk without a recognisable first sector as raw (its own parsers then explain what
+# they find); the image must stand alone and its qcow2 metadata must be whole.
+SOURCE_POLICY = formats.Policy(qemu_check=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Source:
     path: Path
     format: str
     size: int  # virtual size
 
 
-def detect_format(path: Path) -> str:
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if head[:4] == QCOW2_MAGIC:
-        return "qcow2"
-    for magic, name in OTHER_MAGICS.items():
-        if head.startswith(magic):
-            raise ImageError(
-                f"{path}: {name} images are not supported",
-                hint=f"convert it first: qemu-img convert -f {name} -O qcow2 {path} disk.qcow2",
-            )
-    return "raw"
-
-
 def open_source(path: str | os.PathLike[str], fmt: str | None = None) -> Source:
     p = Path(path)
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise ImageError(f"{p}: no such file", hint="give the path of a whole-disk image") from None
-    except OSError as e:
-        raise os_error(e, str(p)) from None
-    if not p.is_file():
-        raise ImageError(f"{p}: not a regular file", hint="give the path of a whole-disk image file")
-    try:
-        found = detect_format(p)
-    except OSError as e:
-        raise os_error(e, f"cannot read {p}") from None
-    if fmt is None:
-        fmt = found
-    if fmt not in FORMATS:
-        raise ImageError(f"unsupported image format {fmt!r}", hint="use --format raw or --format qcow2")
-    if fmt == "raw":
-        if st.st_size == 0:
-            raise ImageError(f"{p}: the file is empty", hint="give a whole-disk image")
-        return Source(p, "raw", st.st_size)
-    if found != "qcow2":
-        raise ImageError(
-            f"{p}: not a qcow2 image (no qcow2 header)", hint="check --format; is it a raw image?"
-        )
-    return Source(p, "qcow2", _qcow2_size(p))
-
-
-def _qcow2_size(p: Path) -> int:
-    try:
-        out = run(
-            ["qemu-img", "info", "-f", "qcow2", "--force-share", "--output=json", os.fspath(p)],
-            limits=QEMU_IMG_LIMITS,
-            timeout=60,
-        ).stdout
-        info = json.loads(out)
-    except CommandError as e:
-        raise ImageError(
-            f"{p}: not a valid qcow2 image ({e.message})",
-            hint="the file is damaged or truncated; give the complete image",
-        ) from None
-    except json.JSONDecodeError:
-        raise ImageError(
-            f"{p}: qemu-img info gave unreadable output", hint="check the qemu-utils package"
-        ) from None
-    if info.get("backing-filename") or info.get("full-backing-filename"):
-        raise ImageError(
-            f"{p}: qcow2 image has a backing file ({info.get('backing-filename')}), which vmtool never follows",
-            hint="flatten a trusted image first: qemu-img convert -O qcow2 IMAGE flat.qcow2",
-        )
-    data = (info.get("format-specific") or {}).get("data") or {}
-    if data.get("data-file"):
-        raise ImageError(
-            f"{p}: qcow2 image uses an external data file ({data['data-file']}), which vmtool never follows",
-            hint="convert a trusted image to a self-contained one first: qemu-img convert -O qcow2 IMAGE flat.qcow2",
-        )
-    size = info.get("virtual-size")
-    if not isinstance(size, int) or size <= 0:
-        raise ImageError(f"{p}: qcow2 image has no valid virtual size", hint="the image is damaged")
-    # A truncated qcow2 still converts (qemu reads missing clusters as zeros): check its metadata first.
-    chk = run(
-        ["qemu-img", "check", "-f", "qcow2", "--force-share", "--output=json", os.fspath(p)],
-        limits=QEMU_IMG_LIMITS,
-        timeout=120,
-        check=False,
-    )
-    try:
-        report = json.loads(chk.stdout or b"{}")
-    except json.JSONDecodeError:
-        report = {}
-    bad = int(report.get("corruptions", 0) or 0) + int(report.get("check-errors", 0) or 0)
-    if chk.returncode in (1, 2) or bad:
-        raise ImageError(
-            f"{p}: the qcow2 image is damaged or truncated ({bad} errors in its metadata)",
-            hint="give the complete image; 'qemu-img check' shows the damage",
-        )
-    return size
+    info = formats.check(p, fmt, SOURCE_POLICY)
+    return Source(p, info.format, info.virtual_size)
 
 
 @contextlib.contextmanager
@@ -163,48 +66,6 @@ def raw_view(src: Source, workdir: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-class Cancelled(Exception):
-    pass
-
-
-def sha256_file(path: Path, *, sparse: bool = True, stop: threading.Event | None = None) -> str:
-    """sha256 of a file's bytes; holes are hashed from a zero buffer without reading them."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        fd = f.fileno()
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            if sparse:
-                try:
-                    data = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError:
-                    data = size
-                _hash_zeros(h, data - pos)
-                if data >= size:
-                    break
-                hole = os.lseek(fd, data, os.SEEK_HOLE)
-            else:
-                data, hole = pos, size
-            f.seek(data)
-            left = hole - data
-            while left > 0:
-                if stop is not None and stop.is_set():
-                    raise Cancelled()
-                buf = f.read(min(left, 8 << 20))
-                if not buf:
-                    raise ImageError(f"{path}: file shrank while it was read")
-                h.update(buf)
-                left -= len(buf)
-            pos = hole
-    return h.hexdigest()
-
-
-def _hash_zeros(h: hashlib._Hash, n: int) -> None:
-    while n > 0:
-        k = min(n, len(ZERO))
-        h.update(ZERO[:k] if k < len(ZERO) else ZERO)
-        n -= k
 
 
 def _cache_dir() -> Path:

@@ -13,7 +13,7 @@ from importlib import resources
 
 from vmtool.errors import QueueError
 
-AGENT_VERSION = "1"
+AGENT_VERSION = "2"
 
 
 

@@ -139,4 +139,39 @@ def tube_stats(bs: Beanstalk, tube: str) -> dict[str, Any]:
             note["state"] = js.get("state")
             note["stats"] = {k: js.get(k) for k in ("reserves", "timeouts", "releases", "buries", "kicks")}
         buried.append(note)
-    return {"tube": tube, "tubes": out, "buried": buried}
+    return {"tube": tube, "tubes": out, "buried": buried, "transfer": transfer_totals(bs, tube)}
+
+
+def transfer_totals(bs: Beanstalk, tube: str) -> dict[str, Any]:
+    """Bytes in, bytes out and transfer seconds summed over the results waiting on `<tube>.results`.
+
+    Results are reserved only for the read and released at once (none is consumed); results already
+    collected by `vmtool queue results` carry their own numbers.
+    """
+    tot: dict[str, Any] = {"results": 0, "bytes_in": 0, "bytes_out": 0, "transfer_s": 0.0}
+    held: list[int] = []
+    watcher = Beanstalk(bs.address, watch=results_tube(tube), io_timeout=bs.io_timeout)
+    try:
+        while True:
+            job = watcher.reserve(timeout=0)
+            if job is None:
+                break
+            held.append(job.id)
+            try:
+                d = parse_result(job.body)
+            except QueueError:
+                continue
+            tot["results"] += 1
+            for k in ("bytes_in", "bytes_out"):
+                v = d.get(k)
+                if isinstance(v, int) and not isinstance(v, bool):
+                    tot[k] += v
+            v = d.get("transfer_s")
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                tot["transfer_s"] += float(v)
+    finally:
+        for jid in held:
+            watcher.release(jid)
+        watcher.close()
+    tot["transfer_s"] = round(tot["transfer_s"], 3)
+    return tot

@@ -3,16 +3,22 @@
 An item (v1):
 
     {"v": 1, "id": "a1b2", "cmd": ["sh", "-c", "wc -l data.txt"],
-     "inputs": {"data.txt": {"data": "<base64>"} | {"url": "https://..."}},
-     "limits": {"timeout_s": 600, "max_output": 8192}}
+     "inputs": {"data.txt": {"data": "<base64>"} | {"url": "https://...", "sha256": "<hex>"}},
+     "output_url": "s3://bucket/prefix/{id}/",
+     "limits": {"timeout_s": 600, "max_output": 8192, "max_input_bytes": N, "max_output_bytes": N,
+                "scratch_bytes": N}}
 
 A result (v1), put on the tube `<tube>.results` and keyed by the item id:
 
     {"v": 1, "id": "a1b2", "status": "ok|failed|timeout|error", "exit": 0, "stdout": "...", "stderr": "...",
-     "outputs": {"name": "<base64>"}, "vm": "vmtool-...", "duration_s": 1.2, "attempt": 1, "error": null}
+     "outputs": {"name": "<base64>" | {"url", "size", "sha256"}}, "vm": "vmtool-...", "duration_s": 1.2,
+     "attempt": 1, "error": null, "bytes_in": N, "bytes_out": N, "transfer_s": S}
 
 Inputs are written into the item's working directory in the guest; files the command leaves in
-$VMTOOL_OUTDIR come back as outputs. Everything fits one beanstalkd job (default max 65535 bytes).
+$VMTOOL_OUTDIR come back as outputs: inline (base64, at most max_output bytes each) or, with
+`output_url`, uploaded whole to `<output_url><name>` ({id} replaced by the item id). URL inputs and
+uploaded outputs have no size limit of their own (the item's limits apply); the item and its result
+each fit one beanstalkd job (default max 65535 bytes).
 """
 
 from __future__ import annotations
@@ -38,7 +44,15 @@ BOOKKEEPING_BYTES = 1024
 MAX_ARGS = 256
 MAX_ARG_BYTES = 4096
 MAX_INPUTS = 32
-MAX_URL_INPUT_BYTES = 40_000
+DEFAULT_MAX_INPUT_BYTES = 1 << 30
+DEFAULT_MAX_OUTPUT_BYTES = 1 << 30
+DEFAULT_SCRATCH_BYTES = 512 << 20
+MAX_DATA_BYTES = 1 << 40
+MIN_SCRATCH_BYTES = 1 << 20
+INPUT_SCHEMES = ("http", "https", "s3", "sftp", "file")
+OUTPUT_SCHEMES = ("http", "https", "s3", "sftp", "file")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+URL_RE = re.compile(r"([a-z0-9]+)://[^\s#]{1,2000}")
 DEFAULT_TIMEOUT_S = 600
 MAX_TIMEOUT_S = 7 * 24 * 3600
 DEFAULT_MAX_OUTPUT = 8192
@@ -46,7 +60,8 @@ MAX_MAX_OUTPUT = 16384
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
-ITEM_KEYS = {"v", "id", "cmd", "inputs", "limits", "attempts", "last_error"}
+ITEM_KEYS = {"v", "id", "cmd", "inputs", "output_url", "limits", "attempts", "last_error"}
+LIMIT_KEYS = {"timeout_s", "max_output", "max_input_bytes", "max_output_bytes", "scratch_bytes"}
 
 
 class ItemError(QueueError):
@@ -63,12 +78,25 @@ class Item:
     # Bookkeeping the worker adds when it re-puts an item after a failed attempt.
     attempts: int = 0
     last_error: str | None = None
+    output_url: str | None = None
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    scratch_bytes: int = DEFAULT_SCRATCH_BYTES
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"v": ITEM_VERSION, "id": self.id, "cmd": self.cmd}
         if self.inputs:
             d["inputs"] = self.inputs
+        if self.output_url:
+            d["output_url"] = self.output_url
         d["limits"] = {"timeout_s": self.timeout_s, "max_output": self.max_output}
+        for k, default in (
+            ("max_input_bytes", DEFAULT_MAX_INPUT_BYTES),
+            ("max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES),
+            ("scratch_bytes", DEFAULT_SCRATCH_BYTES),
+        ):
+            if getattr(self, k) != default:
+                d["limits"][k] = getattr(self, k)
         if self.attempts:
             d["attempts"] = self.attempts
         if self.last_error:
@@ -127,9 +155,11 @@ def item_from_dict(d: Any, *, default_id: bool = False) -> Item:
     for name, spec in inputs.items():
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise ItemError(f"item {iid}: input name {name!r} must match {NAME_RE.pattern}"[:200])
-        if not isinstance(spec, dict) or len(spec) != 1:
+        if not isinstance(spec, dict) or not 1 <= len(spec) <= 2:
             raise ItemError(f'item {iid}: input {name} must be {{"data": base64}} or {{"url": ...}}')
         if "data" in spec:
+            if len(spec) != 1:
+                raise ItemError(f'item {iid}: input {name}: {{"data": ...}} takes no other field')
             data = spec["data"]
             if not isinstance(data, str):
                 raise ItemError(f"item {iid}: input {name}: data must be a base64 string")
@@ -139,15 +169,23 @@ def item_from_dict(d: Any, *, default_id: bool = False) -> Item:
                 raise ItemError(f"item {iid}: input {name}: data is not valid base64") from None
             clean_inputs[name] = {"data": data}
         elif "url" in spec:
-            url = spec["url"]
-            if not isinstance(url, str) or not re.fullmatch(r"https?://[^\s]{1,2000}", url):
-                raise ItemError(f"item {iid}: input {name}: url must be an http(s) URL")
-            clean_inputs[name] = {"url": url}
+            clean_inputs[name] = _url_input(iid, name, spec)
         else:
             raise ItemError(f'item {iid}: input {name} must be {{"data": base64}} or {{"url": ...}}')
+    output_url = d.get("output_url")
+    if output_url is not None:
+        output_url = check_output_url(output_url, f"item {iid}: output_url")
     limits = d.get("limits", {})
-    if not isinstance(limits, dict) or set(limits) - {"timeout_s", "max_output"}:
-        raise ItemError(f"item {iid}: limits may hold only timeout_s and max_output")
+    if not isinstance(limits, dict) or set(limits) - LIMIT_KEYS:
+        raise ItemError(f"item {iid}: limits may hold only {', '.join(sorted(LIMIT_KEYS))}")
+    data_limits = {
+        k: _int(limits.get(k, default), f"item {iid}: limits.{k}", lo, MAX_DATA_BYTES)
+        for k, default, lo in (
+            ("max_input_bytes", DEFAULT_MAX_INPUT_BYTES, 0),
+            ("max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES, 0),
+            ("scratch_bytes", DEFAULT_SCRATCH_BYTES, MIN_SCRATCH_BYTES),
+        )
+    }
     timeout_s = _int(
         limits.get("timeout_s", DEFAULT_TIMEOUT_S), f"item {iid}: limits.timeout_s", 1, MAX_TIMEOUT_S
     )
@@ -166,7 +204,52 @@ def item_from_dict(d: Any, *, default_id: bool = False) -> Item:
         max_output,
         attempts,
         last_error[:500] if last_error else None,
+        output_url,
+        **data_limits,
     )
+
+
+def _url_input(iid: str, name: str, spec: dict[str, Any]) -> dict[str, str]:
+    if set(spec) - {"url", "sha256"}:
+        raise ItemError(f"item {iid}: input {name}: a URL input holds only url and sha256")
+    url = spec["url"]
+    m = URL_RE.fullmatch(url) if isinstance(url, str) else None
+    if m is None or m.group(1) not in INPUT_SCHEMES:
+        raise ItemError(
+            f"item {iid}: input {name}: url must be an http(s)://, s3://, sftp:// or file:// URL"
+            " without spaces or a #fragment"
+        )
+    out = {"url": url}
+    if "sha256" in spec:
+        sha = spec["sha256"]
+        if not isinstance(sha, str) or not SHA256_RE.fullmatch(sha):
+            raise ItemError(f"item {iid}: input {name}: sha256 must be 64 lower-case hex digits")
+        out["sha256"] = sha
+    return out
+
+
+def check_output_url(url: Any, what: str) -> str:
+    """An output_url: a URL of a known scheme naming a directory ("/" at the end), with {id} in it."""
+    m = URL_RE.fullmatch(url) if isinstance(url, str) else None
+    if m is None or m.group(1) not in OUTPUT_SCHEMES:
+        raise ItemError(
+            f"{what} must be an s3://, sftp://, http(s):// or file:// URL without spaces or a #fragment",
+            hint="e.g. s3://bucket/results/{id}/",
+        )
+    assert isinstance(url, str)
+    if not url.endswith("/") or "{id}" not in url:
+        raise ItemError(
+            f"{what} must contain {{id}} and end with '/', not {url[:200]!r}",
+            hint="e.g. s3://bucket/results/{id}/ (each item writes under its own id)",
+        )
+    if "?" in url or url.replace("{id}", "").count("{") or url.replace("{id}", "").count("}"):
+        raise ItemError(f"{what}: no query string or braces other than {{id}} are allowed")
+    return url
+
+
+def output_prefix(item: Item) -> str | None:
+    """The item's output_url with {id} filled in (ids hold no '/', so it stays under its own prefix)."""
+    return item.output_url.replace("{id}", item.id) if item.output_url else None
 
 
 def parse_item(body: bytes) -> Item:
@@ -221,18 +304,21 @@ def job_script(item: Item, inputs: dict[str, bytes]) -> str:
 
 
 @dataclass
-class Result:
+class ItemResult:
     id: str
     status: str  # ok (exit 0), failed (exit != 0), timeout, error (never ran: bad item or input)
     exit: int | None
     stdout: str = ""
     stderr: str = ""
-    outputs: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
     vm: str | None = None
     duration_s: float = 0.0
     attempt: int = 1
     error: str | None = None
     truncated: bool = False
+    bytes_in: int = 0
+    bytes_out: int = 0
+    transfer_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -248,6 +334,9 @@ class Result:
             "attempt": self.attempt,
             "error": self.error,
             "truncated": self.truncated,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "transfer_s": round(self.transfer_s, 3),
         }
 
     def encode(self) -> bytes:
@@ -257,7 +346,8 @@ class Result:
         if len(body) <= MAX_RESULT_BYTES:
             return body
         d["truncated"] = True
-        d["outputs"] = {}
+        # Uploaded outputs are kept (their bytes are safe elsewhere); inline ones are dropped.
+        d["outputs"] = {k: v for k, v in d["outputs"].items() if isinstance(v, dict)}
         d["stdout"] = d["stdout"][-4096:]
         d["stderr"] = d["stderr"][-4096:]
         return json.dumps(d, separators=(",", ":")).encode()

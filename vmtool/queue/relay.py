@@ -10,18 +10,27 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import io
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from vmtool.errors import QueueError
 from vmtool.queue.items import NAME_RE
 
 MAX_LINE = 4096
-MAX_OUTPUTS = 16
+MAX_OUTPUTS = 64
+MAX_LISTED = MAX_OUTPUTS + 1
+RAW_CHUNK = 1 << 20
+# A guest that takes no input bytes for this long is stuck.
+STALL_S = 120.0
+# The agent protocol this host speaks (vmtool/templates/agent.sh, AGENT_VERSION).
+PROTOCOL_VERSION = "2"
 PING_EVERY = 5.0
 
 
@@ -36,6 +45,16 @@ class GuestResult:
     stdout: bytes = b""
     stderr: bytes = b""
     outputs: dict[str, bytes] = field(default_factory=dict)
+    # Whole outputs received into the spool directory: name -> (path, size, sha256).
+    spooled: dict[str, tuple[Path, int, str]] = field(default_factory=dict)
+    truncated_outputs: list[str] = field(default_factory=list)
+    output_error: str | None = None
+    scratch_used: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    transfer_s: float = 0.0
+    in_s: float = 0.0  # seconds streaming inputs into the guest
+    out_s: float = 0.0  # seconds streaming whole or inline outputs out of it
 
 
 class Relay:
@@ -147,6 +166,68 @@ class Relay:
         except RelayError:
             pass
 
+    def _read_exact(
+        self, n: int, out: BinaryIO | None, deadline: float, tick: Callable[[], None] | None
+    ) -> str:
+        """Read exactly n raw bytes from the guest into `out` (None: discard); returns their sha256."""
+        h = hashlib.sha256()
+        left = n
+        if self._buf:
+            take = self._buf[:left]
+            self._buf = self._buf[len(take) :]
+            h.update(take)
+            if out is not None:
+                out.write(take)
+            left -= len(take)
+        last_tick = time.monotonic()
+        while left > 0:
+            if time.monotonic() > deadline:
+                raise RelayError(f"{self.name}: guest stopped sending data", hint="see the VM's console log")
+            if tick is not None and time.monotonic() - last_tick >= 1.0:
+                last_tick = time.monotonic()
+                tick()
+            try:
+                chunk = self.sock.recv(min(left, RAW_CHUNK))
+            except TimeoutError:
+                continue
+            except OSError as e:
+                raise RelayError(f"{self.name}: relay connection lost: {e}") from None
+            if not chunk:
+                raise RelayError(f"{self.name}: the guest went away (relay closed)")
+            h.update(chunk)
+            if out is not None:
+                out.write(chunk)
+            left -= len(chunk)
+        return h.hexdigest()
+
+    def _send_file(self, path: Path, size: int, tick: Callable[[], None] | None) -> None:
+        """Send `size` bytes of `path` as they are (zero-copy where the kernel can)."""
+        sent = 0
+        moved = time.monotonic()
+        with open(path, "rb") as f:
+            while sent < size:
+                if tick is not None:
+                    tick()
+                if time.monotonic() - moved > STALL_S:
+                    raise RelayError(f"{self.name}: guest stopped reading input {path.name}")
+                before = sent
+                try:
+                    n = self.sock.sendfile(f, sent, min(RAW_CHUNK * 16, size - sent))
+                except TimeoutError:
+                    # The guest is slow to read; sendfile() left the file at what did go out.
+                    sent = f.tell()
+                    if sent != before:
+                        moved = time.monotonic()
+                    continue
+                except OSError as e:
+                    raise RelayError(f"{self.name}: relay connection lost while sending: {e}") from None
+                if n == 0:
+                    raise RelayError(f"{self.name}: {path.name} shrank while it was sent")
+                sent = f.tell()
+                if sent != before:
+                    moved = time.monotonic()
+        self._last_send = time.monotonic()
+
     def run(
         self,
         seq: int,
@@ -154,13 +235,44 @@ class Relay:
         *,
         timeout_s: int,
         max_output: int,
+        scratch_bytes: int = 512 << 20,
+        files: Sequence[tuple[str, Path, int]] = (),
+        spool: Path | None = None,
+        max_output_bytes: int = 0,
         tick: Callable[[], None] | None = None,
         grace: float = 60.0,
     ) -> GuestResult:
-        """Hand one job script to the agent and wait for its result (tick() is called about once a second)."""
+        """Hand one item to the agent and wait for its result (tick() is called about once a second).
+
+        files: (name, host path, size) streamed into the item's directory before it runs. spool: a
+        directory for whole outputs (at most max_output_bytes in all); without it outputs come back
+        inline, each cut to max_output bytes.
+        """
+        if self.agent_version != PROTOCOL_VERSION:
+            raise RelayError(
+                f"{self.name}: the guest agent speaks version {self.agent_version}, not {PROTOCOL_VERSION}",
+                hint="rebuild the image with this vmtool's 'vmtool build --agent relay'",
+            )
         b64 = base64.b64encode(script.encode()).decode()
         lines = [b64[i : i + 76] for i in range(0, len(b64), 76)]
-        self.send(f"ITEM {seq} {timeout_s} {max_output}\n" + "".join(x + "\n" for x in lines) + ".\n")
+        self.send(
+            f"ITEM {seq} {timeout_s} {max_output} {scratch_bytes} {len(files)}\n"
+            + "".join(x + "\n" for x in lines)
+            + ".\n"
+        )
+        t_in = time.monotonic()
+        res = GuestResult(exit=-1, guest_seconds=0.0)
+        # Inputs take their time: the deadline of each one grows with its size (>= 1 MB/s).
+        for name, path, size in files:
+            self.send(f"FILE {name} {size}\n")
+            self._send_file(path, size, tick)
+            deadline = time.monotonic() + grace + size / 1e6
+            parts = self._readline(deadline, tick).split(" ", 2)
+            if parts[:2] != ["GOT", name]:
+                why = parts[2] if len(parts) == 3 and parts[0] == "FAIL" else " ".join(parts)[:80]
+                raise RelayError(f"{self.name}: guest could not store input {name}: {why}")
+            res.bytes_in += size
+        res.in_s = time.monotonic() - t_in
         deadline = time.monotonic() + timeout_s + grace
         # Every section is the base64 of at most max_output bytes.
         section_limit = (max_output * 4) // 3 + 4 * (max_output // 57 + 2) + 16
@@ -173,13 +285,19 @@ class Relay:
             if parts and parts[0] in ("HELLO",):
                 continue
             raise RelayError(f"{self.name}: unexpected line from guest: {' '.join(parts)[:80]!r}")
-        if len(parts) != 4 or parts[1] != str(seq) or not re.fullmatch(r"-?\d{1,4}", parts[2]):
+        if (
+            len(parts) != 5
+            or parts[1] != str(seq)
+            or not re.fullmatch(r"-?\d{1,4}", parts[2])
+            or not parts[4].isdigit()
+        ):
             raise RelayError(f"{self.name}: malformed RESULT line from guest")
         try:
-            guest_seconds = float(parts[3])
+            res.guest_seconds = float(parts[3])
         except ValueError:
-            guest_seconds = 0.0
-        res = GuestResult(exit=int(parts[2]), guest_seconds=guest_seconds)
+            res.guest_seconds = 0.0
+        res.exit = int(parts[2])
+        res.scratch_used = int(parts[4][:20])
 
         def section() -> bytes:
             total = 0
@@ -203,13 +321,67 @@ class Relay:
         if self._readline(deadline, tick) != "STDERR":
             raise RelayError(f"{self.name}: expected STDERR from guest")
         res.stderr = section()
-        while True:
-            line = self._readline(deadline, tick)
-            if line == f"END {seq}":
-                return res
-            parts = line.split(" ", 1)
-            if parts[0] != "OUTPUT" or len(parts) != 2 or not NAME_RE.fullmatch(parts[1]):
-                raise RelayError(f"{self.name}: unexpected line from guest: {line[:80]!r}")
-            if len(res.outputs) >= MAX_OUTPUTS:
-                raise RelayError(f"{self.name}: guest sent more than {MAX_OUTPUTS} output files")
-            res.outputs[parts[1]] = section()
+        head = self._readline(deadline, tick).split()
+        if len(head) != 2 or head[0] != "OUTPUTS" or not head[1].isdigit():
+            raise RelayError(f"{self.name}: expected OUTPUTS from guest")
+        count = int(head[1][:6])
+        listed: list[tuple[str, int, str]] = []
+        for _ in range(min(count, MAX_LISTED)):
+            p = self._readline(deadline, tick).split(" ")
+            if len(p) != 3 or len(p[0]) != 1 or not p[1].isdigit():
+                raise RelayError(f"{self.name}: malformed output entry from guest")
+            listed.append((p[0], int(p[1][:20]), p[2]))
+        res.output_error = _check_outputs(count, listed, spool is not None, max_output_bytes)
+        t_out = time.monotonic()
+        if res.output_error is None:
+            for _typ, size, name in listed:
+                want = size if spool is not None else min(size, max_output)
+                self.send(f"SEND {name} {want}\n")
+                got = self._readline(deadline, tick).split()
+                if got != ["DATA", name, str(want)]:
+                    raise RelayError(f"{self.name}: expected DATA {name} from guest")
+                # Whole outputs take their time too (>= 1 MB/s).
+                data_deadline = max(deadline, time.monotonic() + grace + want / 1e6)
+                if spool is not None:
+                    local = spool / name
+                    with open(local, "wb") as f:
+                        sha = self._read_exact(want, f, data_deadline, tick)
+                    res.spooled[name] = (local, want, sha)
+                else:
+                    buf = io.BytesIO()
+                    self._read_exact(want, buf, data_deadline, tick)
+                    res.outputs[name] = buf.getvalue()
+                    if want < size:
+                        res.truncated_outputs.append(name)
+                res.bytes_out += want
+        self.send("DONE\n")
+        res.out_s = time.monotonic() - t_out
+        res.transfer_s = res.in_s + res.out_s
+        if self._readline(deadline, tick) != f"END {seq}":
+            raise RelayError(f"{self.name}: expected END {seq} from guest")
+        return res
+
+
+def _check_outputs(
+    count: int, listed: list[tuple[str, int, str]], whole: bool, max_bytes: int
+) -> str | None:
+    """Why the listed outputs cannot be taken (the item gets an error result), or None."""
+    if count > MAX_OUTPUTS:
+        return f"the command left {count} entries in $VMTOOL_OUTDIR, more than {MAX_OUTPUTS}"
+    total = 0
+    for typ, size, name in listed:
+        if typ == "n" or not NAME_RE.fullmatch(name):
+            shown = "an output's name" if typ == "n" else f"output name {name[:100]!r}"
+            return f"{shown} is not a plain file name ([A-Za-z0-9._-], no path, no leading dot)"
+        if typ == "l":
+            return f"output {name} is a symbolic link: only regular files are outputs"
+        if typ == "d":
+            return f"output {name} is a directory: only regular files are outputs"
+        if typ != "f":
+            return f"output {name} is not a regular file"
+        total += size
+    if whole and total > max_bytes:
+        return (
+            f"outputs are {total} bytes, more than the item's limit of {max_bytes} (limits.max_output_bytes)"
+        )
+    return None

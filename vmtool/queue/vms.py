@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmtool.errors import QueueError
+from vmtool.image import formats
 from vmtool.launch.netns import NetOptions
 from vmtool.queue.agent import RELAY_PORT_NAME
+from vmtool.stage.cache import BASE_RE
 from vmtool.stage.stage import make_overlay
 
 if TYPE_CHECKING:
@@ -27,11 +29,18 @@ if TYPE_CHECKING:
 _LIBVIRT_LOCK = threading.Lock()
 
 
-@dataclass
+# The disk the VMs' overlays are made on: a build's root filesystem, or an overlay vmtool staged on a
+# base in a cache (any cache: its base is named <sha256>.<format>, with its format, and stands alone).
+# qemu-img info, under limits, reads its size, so making each overlay never opens it.
+IMAGE_POLICY = formats.Policy(backing_roots=formats.ANYWHERE, backing_name=BASE_RE)
+
+
+@dataclass(frozen=True)
 class ImageRef:
     manifest: Manifest  # loaded once; its kernel, initrd and command line boot every VM
     base: Path  # the disk the per-VM overlays are made on
     base_format: str
+    virtual_size: int  # given to make_overlay, so making an overlay never opens the base
 
 
 def resolve_image(image: Path, *, manifest: Path | None = None) -> ImageRef:
@@ -47,13 +56,14 @@ def resolve_image(image: Path, *, manifest: Path | None = None) -> ImageRef:
     else:
         mpath = manifest.resolve() if manifest else _find_manifest(image)
         m = mf.load(mpath)
-        base, fmt = image, _image_format(image)
+        base, fmt = image, None
     if not m.agent:
         raise QueueError(
             f"the image of {mpath} has no vmtool guest agent",
             hint="rebuild it with 'vmtool build --agent relay'",
         )
-    return ImageRef(m, base, fmt)
+    info = formats.check(base, fmt, IMAGE_POLICY, what=f"image {base}", error=QueueError)
+    return ImageRef(m, base, info.format, info.virtual_size)
 
 
 def _find_manifest(image: Path) -> Path:
@@ -64,11 +74,6 @@ def _find_manifest(image: Path) -> Path:
         f"no manifest.json found for {image}",
         hint="give the build's manifest.json as --image, or pass --manifest with the overlay",
     )
-
-
-def _image_format(path: Path) -> str:
-    with open(path, "rb") as f:
-        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
 
 
 class LaunchedVM:
@@ -149,7 +154,7 @@ class VMFactory:
         d.mkdir(parents=True)
         try:
             overlay = d / "root.qcow2"
-            make_overlay(self.image.base, self.image.base_format, overlay)
+            make_overlay(self.image.base, self.image.base_format, overlay, self.image.virtual_size)
             sock = d / "relay.sock"
             spec = LaunchSpec(
                 render=RenderOptions(

@@ -14,12 +14,15 @@ been idle for `idle_timeout` seconds, `max_items` items were taken, or the worke
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import dataclasses
 import json
 import logging
+import shutil
+import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -28,20 +31,23 @@ from typing import Any, Protocol
 
 from vmtool.errors import QueueError, VmtoolError
 from vmtool.queue.beanstalk import Beanstalk, check_tube, reasons_tube, results_tube
+from vmtool.queue.data import CachedInput, Inputs, Outputs, describe
 from vmtool.queue.items import (
-    MAX_URL_INPUT_BYTES,
     Item,
     ItemError,
-    Result,
+    ItemResult,
     job_script,
+    output_prefix,
     parse_item,
 )
-from vmtool.queue.relay import Relay, RelayError
+from vmtool.queue.relay import PROTOCOL_VERSION, Relay, RelayError
 
 log = logging.getLogger("vmtool.queue.worker")
 
 DEFAULT_MAX_ATTEMPTS = 3
 MAX_BOOT_FAILURES = 2
+# tmpfs rounds every file up to a page; keep room for $VMTOOL_OUTDIR and the page rounding.
+SCRATCH_SLACK = 64 << 10
 
 
 class GuestVM(Protocol):
@@ -73,6 +79,14 @@ class WorkerOptions:
     retry_delay: int = 0
     # relay: the worker hands items to the guest; direct: the guest agent is a beanstalkd client itself.
     mode: str = "relay"
+    # The data plane: the node cache for URL inputs (None: vmtool's default cache), the directories
+    # file:// inputs may be read from and file:// outputs written to (none: file:// refused), where
+    # outputs are spooled before their upload (None: a temporary directory), and an S3 endpoint.
+    cache_dir: Path | None = None
+    input_roots: tuple[Path, ...] = ()
+    output_roots: tuple[Path, ...] = ()
+    spool_dir: Path | None = None
+    s3_endpoint_url: str | None = None
 
 
 @dataclass
@@ -127,35 +141,17 @@ class WorkerReport:
         }
 
 
-class _Terminated(Exception):
-    pass
+class _Terminated(BaseException):
+    """SIGTERM while an item is in progress (a BaseException: no `except Exception` may swallow it)."""
 
 
 class _VMFailed(Exception):
     pass
 
 
-def fetch_inputs(item: Item, *, timeout: float = 30.0) -> dict[str, bytes]:
-    """Inline inputs decoded, URL inputs fetched on the host (the guest has no network in relay mode)."""
-    import base64
-
-    out: dict[str, bytes] = {}
-    for name, spec in item.inputs.items():
-        if "data" in spec:
-            out[name] = base64.b64decode(spec["data"])
-            continue
-        url = spec["url"]
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                data = resp.read(MAX_URL_INPUT_BYTES + 1)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            raise ItemError(f"item {item.id}: cannot fetch input {name} from {url}: {e}") from None
-        if len(data) > MAX_URL_INPUT_BYTES:
-            raise ItemError(
-                f"item {item.id}: input {name} from {url} is larger than {MAX_URL_INPUT_BYTES} bytes"
-            )
-        out[name] = data
-    return out
+def inline_inputs(item: Item) -> dict[str, bytes]:
+    """The item's inline inputs, decoded (they travel inside the job script)."""
+    return {name: base64.b64decode(spec["data"]) for name, spec in item.inputs.items() if "data" in spec}
 
 
 class Worker:
@@ -179,6 +175,20 @@ class Worker:
         self._term = threading.Event()
         self._stop = threading.Event()
         self._seq = 0
+        self._inputs: Inputs | None = None
+
+    def inputs(self) -> Inputs:
+        """The node-cache input fetcher, opened on first use (items without URL inputs need none)."""
+        with self._lock:
+            if self._inputs is None:
+                from vmtool.stage.cache import Cache
+
+                self._inputs = Inputs(
+                    Cache.open(self.opts.cache_dir),
+                    input_roots=self.opts.input_roots,
+                    endpoint_url=self.opts.s3_endpoint_url,
+                )
+            return self._inputs
 
     # -- control ---------------------------------------------------------------------------------------
     def terminate(self) -> None:
@@ -266,6 +276,13 @@ class Worker:
             relay = Relay.connect(vm.relay_socket, timeout=60, name=vm.name, alive=vm.alive)
             try:
                 relay.wait_hello(timeout=self.opts.boot_timeout, alive=self._alive_or_term(vm))
+                if self.opts.mode == "relay" and relay.agent_version != PROTOCOL_VERSION:
+                    # Every VM of this image would fail the same way: stop the slot, say why.
+                    raise QueueError(
+                        f"the image's guest agent speaks protocol {relay.agent_version}, this worker"
+                        f" {PROTOCOL_VERSION}",
+                        hint="rebuild the image with this vmtool's 'vmtool build --agent relay'",
+                    )
                 rec.boot_s += time.monotonic() - t0
                 self._event("ready", slot=rec.slot, vm=vm.name, boot_s=round(time.monotonic() - t0, 1))
                 if self.opts.mode == "direct":
@@ -466,21 +483,17 @@ class Worker:
         attempt = attempts_before + 1
         self._event("item", slot=rec.slot, vm=vm.name, item=item.id, attempt=attempt)
         t0 = time.monotonic()
-        try:
-            inputs = fetch_inputs(item)
-        except ItemError as e:
-            self._finish(
-                bs, job.id, Result(item.id, "error", None, vm=vm.name, attempt=attempt, error=e.message)
-            )
-            return
         touch_every = max(0.5, min(ttr / 3.0, 10.0))
         last_touch = time.monotonic()
+        touch_lock = threading.Lock()
 
         def tick() -> None:
             nonlocal last_touch
             if self._term.is_set():
                 raise _Terminated()
-            if time.monotonic() - last_touch >= touch_every:
+            with touch_lock:
+                if time.monotonic() - last_touch < touch_every:
+                    return
                 last_touch = time.monotonic()
                 try:
                     bs.touch(job.id)
@@ -492,58 +505,195 @@ class Worker:
                     except QueueError:
                         pass
 
-        with self._lock:
-            self._seq += 1
-            seq = self._seq
-        try:
-            g = relay.run(
-                seq,
-                job_script(item, inputs),
-                timeout_s=item.timeout_s,
-                max_output=item.max_output,
-                tick=tick,
+        def error(message: str, **kw: Any) -> None:
+            res = ItemResult(
+                item.id,
+                "error",
+                None,
+                vm=vm.name,
+                attempt=attempt,
+                error=message[:2000],
+                duration_s=time.monotonic() - t0,
+                **kw,
             )
+            self._finish(bs, job.id, res)
+            rec.items += 1
+
+        t_fetch = time.monotonic()
+        try:
+            inline = inline_inputs(item)
+            cached = self._fetch_inputs(item, inline, tick)
+        except ItemError as e:
+            error(describe(e), transfer_s=time.monotonic() - t_fetch)
+            return
         except _Terminated:
             self._retrying(bs, "release", lambda: bs.release(job.id))
             with self._lock:
                 self.report.released += 1
             self._event("released", item=item.id)
             raise
-        except RelayError as e:
-            rec.failed_items += 1
-            err = e.message
-            retry = Item(item.id, item.cmd, item.inputs, item.timeout_s, item.max_output, attempt, err[:500])
-            self._retrying(
-                bs,
-                "re-put",
-                lambda: bs.put(retry.encode(), tube=self.opts.tube, ttr=ttr, delay=self.opts.retry_delay),
+        fetch_s = time.monotonic() - t_fetch
+
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+        spool: Path | None = None
+        try:
+            if item.output_url:
+                base = self.opts.spool_dir or Path(tempfile.gettempdir())
+                base.mkdir(parents=True, exist_ok=True)
+                spool = Path(tempfile.mkdtemp(prefix=f"vmtool-out-{item.id[:40]}.", dir=base))
+            try:
+                with self.inputs().held(cached) if cached else contextlib.nullcontext(cached):
+                    g = relay.run(
+                        seq,
+                        job_script(item, inline),
+                        timeout_s=item.timeout_s,
+                        max_output=item.max_output,
+                        scratch_bytes=item.scratch_bytes,
+                        files=[(c.name, c.path, c.size) for c in cached],
+                        spool=spool,
+                        max_output_bytes=item.max_output_bytes,
+                        tick=tick,
+                    )
+            except _Terminated:
+                self._retrying(bs, "release", lambda: bs.release(job.id))
+                with self._lock:
+                    self.report.released += 1
+                self._event("released", item=item.id)
+                raise
+            except ItemError as e:  # an input pruned from the cache between fetch and send
+                error(describe(e))
+                return
+            except RelayError as e:
+                rec.failed_items += 1
+                err = e.message
+                retry = dataclasses.replace(item, attempts=attempt, last_error=err[:500])
+                self._retrying(
+                    bs,
+                    "re-put",
+                    lambda: bs.put(
+                        retry.encode(), tube=self.opts.tube, ttr=ttr, delay=self.opts.retry_delay
+                    ),
+                )
+                self._retrying(bs, "delete", lambda: bs.delete(job.id))
+                with self._lock:
+                    self.report.retried += 1
+                self._event("retry", slot=rec.slot, vm=vm.name, item=item.id, message=e.message)
+                raise _VMFailed() from None
+            res = self._guest_result(item, g, vm.name, attempt)
+            if g.bytes_in or g.bytes_out:
+                self._event(
+                    "transfer",
+                    item=item.id,
+                    vm=vm.name,
+                    bytes_in=g.bytes_in,
+                    in_s=round(g.in_s, 4),
+                    bytes_out=g.bytes_out,
+                    out_s=round(g.out_s, 4),
+                )
+            res.bytes_in = g.bytes_in + sum(len(v) for v in inline.values())
+            res.transfer_s = fetch_s + g.transfer_s
+            if res.status != "error" and spool is not None:
+                t_up = time.monotonic()
+                self._upload(item, g.spooled, res, tick)
+                res.transfer_s += time.monotonic() - t_up
+        finally:
+            if spool is not None:
+                shutil.rmtree(spool, ignore_errors=True)
+        res.duration_s = time.monotonic() - t0
+        self._finish(bs, job.id, res)
+        rec.items += 1
+        rec.boot_failures = 0
+
+    def _fetch_inputs(
+        self, item: Item, inline: dict[str, bytes], tick: Callable[[], None]
+    ) -> list[CachedInput]:
+        """URL inputs into the node cache, checked against the item's input and scratch limits."""
+        total = sum(len(v) for v in inline.values())
+        cached: list[CachedInput] = []
+        for name, spec in item.inputs.items():
+            if "url" not in spec:
+                continue
+            ci = self.inputs().get(
+                item.id, name, spec, max_bytes=max(0, item.max_input_bytes - total), tick=tick
             )
-            self._retrying(bs, "delete", lambda: bs.delete(job.id))
-            with self._lock:
-                self.report.retried += 1
-            self._event("retry", slot=rec.slot, vm=vm.name, item=item.id, message=e.message)
-            raise _VMFailed() from None
-        took = time.monotonic() - t0
+            cached.append(ci)
+            total += ci.size
+        if total > item.max_input_bytes:
+            raise ItemError(
+                f"item {item.id}: inputs are {total} bytes, more than limits.max_input_bytes {item.max_input_bytes}",
+                hint="raise limits.max_input_bytes",
+            )
+        need = sum(-(-n // 4096) * 4096 for n in [*map(len, inline.values()), *(c.size for c in cached)])
+        if need + SCRATCH_SLACK > item.scratch_bytes:
+            raise ItemError(
+                f"item {item.id}: inputs need {need} bytes of scratch space, the item has"
+                f" {item.scratch_bytes} (limits.scratch_bytes)",
+                hint="raise limits.scratch_bytes (and the VMs' memory: scratch is a tmpfs in the guest)",
+            )
+        return cached
+
+    @staticmethod
+    def _guest_result(item: Item, g: Any, vm_name: str, attempt: int) -> ItemResult:
         timed_out = g.exit in (124, 143) and g.guest_seconds >= item.timeout_s - 1
         status = "timeout" if timed_out else ("ok" if g.exit == 0 else "failed")
-        import base64
-
-        res = Result(
+        err = None
+        if g.scratch_used + SCRATCH_SLACK >= item.scratch_bytes:
+            status = "error"
+            err = (
+                f"the item filled its scratch space ({g.scratch_used} of {item.scratch_bytes} bytes,"
+                " limits.scratch_bytes)"
+            )
+        elif g.output_error:
+            status, err = "error", g.output_error
+        res = ItemResult(
             item.id,
             status,
             g.exit,
             stdout=g.stdout.decode("utf-8", "replace"),
             stderr=g.stderr.decode("utf-8", "replace"),
             outputs={k: base64.b64encode(v).decode() for k, v in g.outputs.items()},
-            vm=vm.name,
-            duration_s=took,
+            vm=vm_name,
             attempt=attempt,
+            error=err,
+            truncated=bool(g.truncated_outputs),
+            bytes_out=g.bytes_out,
         )
-        self._finish(bs, job.id, res)
-        rec.items += 1
-        rec.boot_failures = 0
+        return res
 
-    def _finish(self, bs: Beanstalk, job_id: int, res: Result) -> None:
+    def _upload(
+        self, item: Item, spooled: dict[str, tuple[Path, int, str]], res: ItemResult, tick: Callable[[], None]
+    ) -> None:
+        """Upload the spooled outputs; on any failure remove what went up and make `res` an error."""
+        prefix = output_prefix(item)
+        assert prefix is not None
+        outs = Outputs(prefix, output_roots=self.opts.output_roots, endpoint_url=self.opts.s3_endpoint_url)
+        stop = threading.Event()
+
+        def keepalive() -> None:
+            # Uploads block this slot's thread: touch the item from here meanwhile (the slot thread
+            # does not use its queue connection until the upload returns).
+            while not stop.wait(1.0):
+                with contextlib.suppress(Exception):
+                    tick()
+
+        t = threading.Thread(target=keepalive, name="vmtool-upload-keepalive", daemon=True)
+        t.start()
+        try:
+            for name, (path, size, sha) in spooled.items():
+                up = outs.upload(name, path, size, sha)
+                res.outputs[name] = {"url": up.url, "size": up.size, "sha256": up.sha256}
+        except ItemError as e:
+            outs.rollback()
+            res.outputs = {}
+            res.status = "error"
+            res.error = describe(e)[:2000]
+        finally:
+            stop.set()
+            t.join()
+
+    def _finish(self, bs: Beanstalk, job_id: int, res: ItemResult) -> None:
         body = res.encode()
         self._retrying(bs, "put result", lambda: bs.put(body, tube=results_tube(self.opts.tube), ttr=60))
         # The result is stored: the delete goes out with the next reserve (or at the slot's end). If

@@ -37,7 +37,7 @@ from typing import Any
 
 from vmtool.errors import StageError
 from vmtool.fsutil import write_atomic
-from vmtool.stage.inspect import qcow2_backing
+from vmtool.stage.bases import qcow2_backing
 
 SUBDIRS = ("bases", "used", "index", "refs", "locks", "tmp")
 BASE_RE = re.compile(r"^([0-9a-f]{64})\.(raw|qcow2)$")

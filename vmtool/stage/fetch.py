@@ -21,7 +21,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -521,23 +521,30 @@ def _space_error() -> TransferFailed:
 
 
 def fetch_to(
-    src: Source, part: Path, *, progress: Progress | None = None, deadline: float | None = None
+    src: Source,
+    part: Path,
+    *,
+    progress: Progress | None = None,
+    deadline: float | None = None,
+    make_sink: Callable[[BinaryIO], Sink] | None = None,
 ) -> FetchResult:
     """Fetch `src` into `part` (from `part_path`), hashing it; the caller holds the source lock.
 
     An http part left by an interrupted fetch is resumed with a Range request when its sidecar's
     validator still matches the origin. On failure the part is removed, except an http part cut by
     the network (then its sidecar stays and `discard_part` keeps it for the next attempt).
+    `make_sink` gives the Sink the bytes go through (a queue input's caps its size).
     """
+    make = make_sink or (lambda f: Sink(f, progress, deadline))
     if src.kind == "http":
-        return _HttpFetch(src, part, progress, deadline).run()
+        return _HttpFetch(src, part, make, progress).run()
     try:
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise TransferFailed(f"cannot write in the cache: {part.parent}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            sink = Sink(f, progress, deadline)
+            sink = make(f)
             fetched = fetch(src, sink)
             try:
                 sha = sink.finish()
@@ -555,11 +562,13 @@ def fetch_to(
 class _HttpFetch:
     """One http(s) fetch into a resumable part file, through the proxy first when there is one."""
 
-    def __init__(self, src: Source, part: Path, progress: Progress | None, deadline: float | None) -> None:
+    def __init__(
+        self, src: Source, part: Path, make_sink: Callable[[BinaryIO], Sink], progress: Progress | None
+    ) -> None:
         self.src = src
         self.part = part
+        self.make_sink = make_sink
         self.progress = progress
-        self.deadline = deadline
         self.fetched = 0
         self.resumed_from = 0
         self.warnings: list[str] = []
@@ -652,7 +661,7 @@ class _HttpFetch:
             if state is None or offset == 0:
                 f.seek(0)
                 f.truncate(0)
-            sink = Sink(f, self.progress, self.deadline)
+            sink = self.make_sink(f)
             if offset:
                 sink.resume(offset)
             headers = {}
@@ -687,7 +696,7 @@ class _HttpFetch:
                     )
                     self._restart(f, why)
                     offset = 0
-                    sink = Sink(f, self.progress, self.deadline)
+                    sink = self.make_sink(f)
                 elif offset:
                     self.resumed_from = offset
                 total = self._total(r, offset)

@@ -17,9 +17,9 @@ from vmtool.errors import OutputExists, StageError, TransferFailed
 from vmtool.fsutil import atomic_path, os_error
 from vmtool.log import Progress
 from vmtool.run import run
+from vmtool.stage.bases import check_base
 from vmtool.stage.cache import Cache, key_hash
 from vmtool.stage.fetch import discard_part, fetch_to, identity, part_path
-from vmtool.stage.inspect import check_base
 from vmtool.stage.sources import Source
 
 
@@ -124,11 +124,9 @@ def stage(
 def _from_meta(cache: Cache, sha: str, fmt: str) -> int:
     vsize = int(cache.meta(sha).get("virtual_size") or 0)
     if vsize <= 0:  # meta lost: the base was verified when it entered the cache, read its size
-        from vmtool.stage.inspect import qemu_img_info
+        from vmtool.image.formats import qemu_img_info
 
-        vsize = int(
-            qemu_img_info(cache.base_path(sha, fmt), fmt, what="cached base").get("virtual-size") or 0
-        )
+        vsize = qemu_img_info(cache.base_path(sha, fmt), fmt, what="cached base").virtual_size
     return vsize
 
 

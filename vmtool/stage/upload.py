@@ -16,10 +16,10 @@ from typing import Any
 
 from vmtool.errors import ImageError, TransferFailed
 from vmtool.fsutil import atomic_path
+from vmtool.image import formats
 from vmtool.run import run
 from vmtool.stage.cache import BASE_RE, Cache
 from vmtool.stage.fetch import IO_TIMEOUT, _http_error, _s3_client, _s3_error, _sftp
-from vmtool.stage.inspect import qcow2_header_refs, sniff
 from vmtool.stage.sources import Source
 
 
@@ -32,22 +32,19 @@ def flatten_if_overlay(
 ) -> Path | None:
     """A standalone qcow2 of `local` in `workdir` if it is an overlay on a cached base; None if `local`
     needs no flattening. The base's format is given explicitly, never taken from the overlay."""
-    if sniff(local) != "qcow2":
-        return None
-    backing, data_file = qcow2_header_refs(local)
-    if data_file:
-        raise ImageError(
-            f"{local.name} has an external data file: not uploaded", hint="upload a standalone image"
-        )
-    if backing is None:
-        return None
-    base = Path(os.path.realpath(backing))
+    info = formats.inspect(local)
+    if info.format != "qcow2" or (info.backing is None and info.data_file is None):
+        return None  # sent as bytes: nothing on this host opens it
+    bases = (cache.root / "bases").resolve()
+    base = Path(os.path.realpath(local.parent / (info.backing or "")))
     m = BASE_RE.match(base.name)
-    if base.parent != (cache.root / "bases").resolve() or not m or not base.is_file():
+    if info.data_file is None and (base.parent != bases or not m):
         raise ImageError(
-            f"{local.name} is backed by {backing!r}, which is not a base in vmtool's cache: not uploaded",
+            f"{local.name} is backed by {info.backing!r}, which is not a base in vmtool's cache: not uploaded",
             hint="upload a standalone image (qemu-img convert -O qcow2 ...)",
         )
+    formats.check(local, "qcow2", formats.Policy(backing_roots=(bases,), qemu=False), what=local.name)
+    assert m is not None
     out = workdir / f".{local.name}.flat.{os.getpid()}.tmp"
     opts = (
         f"driver=qcow2,file.driver=file,file.filename={_opt(os.fspath(local))},"

@@ -136,15 +136,34 @@ END {
 		fail("no cmd")
 	t = val[SUBSEP "limits" SUBSEP "timeout_s"]
 	m = val[SUBSEP "limits" SUBSEP "max_output"]
+	mi = val[SUBSEP "limits" SUBSEP "max_input_bytes"]
+	mo = val[SUBSEP "limits" SUBSEP "max_output_bytes"]
+	sc = val[SUBSEP "limits" SUBSEP "scratch_bytes"]
 	if (t == "")
 		t = 600
 	if (m == "")
 		m = 8192
-	if (t !~ /^[0-9]+$/ || m !~ /^[0-9]+$/)
+	if (mi == "")
+		mi = 1073741824
+	if (mo == "")
+		mo = 1073741824
+	if (sc == "")
+		sc = 536870912
+	if (t !~ /^[0-9]+$/ || m !~ /^[0-9]+$/ || mi !~ /^[0-9]+$/ || mo !~ /^[0-9]+$/ || sc !~ /^[0-9]+$/)
 		fail("bad limits")
+	ou = val[SUBSEP "output_url"]
+	if (ou != "") {
+		if (ou !~ /^[a-z0-9]+:\/\/[!-~]+\/$/ || index(ou, "'") || index(ou, "\\") || index(ou, "{id}") == 0)
+			fail("bad output_url")
+		gsub(/\{id\}/, id, ou)
+	}
 	print "#id " id
 	print "#timeout " t
 	print "#max " m
+	print "#maxin " mi
+	print "#maxout " mo
+	print "#scratch " sc
+	print "#outurl " ou
 	print "set -e"
 	for (p in val) {
 		split(p, part, SUBSEP)
@@ -162,9 +181,20 @@ END {
 				print substr(data, i, 76)
 			print "VMTOOL_EOF"
 		} else if (part[4] == "url") {
-			print "wget -q -O " q(name) " " q(val[p])
+			# Fetched by the agent before the command runs: "#in NAME SHA256|- URL".
+			u = val[p]
+			if (u !~ /^[a-z0-9]+:\/\/[!-~]+$/ || index(u, "'") || index(u, "\\"))
+				fail("bad input url")
+			sh = val[SUBSEP "inputs" SUBSEP name SUBSEP "sha256"]
+			if (sh == "")
+				sh = "-"
+			else if (sh !~ /^[0-9a-f]+$/ || length(sh) != 64)
+				fail("bad input sha256")
+			ins[name] = "#in " name " " sh " " u
 		}
 	}
+	for (k in ins)
+		print ins[k]
 	print "set +e"
 	line = "exec"
 	for (i = 0; i < n; i++)

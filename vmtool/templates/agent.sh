@@ -9,9 +9,14 @@
 # a network route to the queue). Binary data travels as base64 lines ended by a line holding only ".":
 #   guest: HELLO vmtool-agent <version> <mode>        (repeated every 2 s until the host answers)
 #   host:  PING                                        (keep-alive while the host waits for work)
-#   host:  ITEM <seq> <timeout_s> <max_output>         then the job script as base64 lines, then "."
-#   guest: RESULT <seq> <exit> <guest_seconds>, STDOUT + lines + ".", STDERR + lines + ".",
-#          OUTPUT <name> + lines + "." per file the job left in $VMTOOL_OUTDIR, END <seq>
+#   host:  ITEM <seq> <timeout_s> <max_output> <scratch_bytes> <nfiles>
+#          then the job script as base64 lines, then "."
+#   host:  FILE <name> <size> and <size> raw bytes       (nfiles times; the guest answers GOT <name>)
+#   guest: RESULT <seq> <exit> <guest_seconds> <scratch_used>, STDOUT + lines + ".", STDERR + lines + ".",
+#          OUTPUTS <n> then "<type> <size> <name>" per entry the job left in $VMTOOL_OUTDIR
+#   host:  SEND <name> <bytes>  (guest: DATA <name> <bytes> and the raw bytes) per output it takes; DONE
+#   guest: END <seq>
+# The item runs in $WORK, a tmpfs of <scratch_bytes> (the inputs, $VMTOOL_OUTDIR and the job's files).
 #   host:  STOP                                        (agent answers BYE and exits)
 # Direct mode: see run_direct below.
 
@@ -20,6 +25,7 @@ MODE="${VMTOOL_AGENT_MODE:-@MODE@}"
 PORT_NAME="${VMTOOL_AGENT_PORT:-org.vmtool.relay.0}"
 GRACE="${VMTOOL_AGENT_GRACE:-120}"
 WORK="${TMPDIR:-/tmp}/vmtool-item"
+CTL="${TMPDIR:-/tmp}/vmtool-ctl"
 
 log() { echo "vmtool-agent: $*" >&2; }
 
@@ -66,43 +72,135 @@ read_b64() {
 	return 1
 }
 
+# scratch_up BYTES: a fresh tmpfs of that size on $WORK (the item's scratch space), else a directory.
+# Few processes per item: under TCG every fork+exec costs tens of milliseconds.
+mounted=0
+scratch_up() {
+	work_down
+	mkdir -p "$WORK"
+	if mount -t tmpfs -o "size=$((($1 + 1023) / 1024))k,mode=0700" vmtool-scratch "$WORK" 2> /dev/null; then
+		mounted=1
+	fi
+	mkdir -p "$WORK/out" "$CTL"
+}
+
+work_down() {
+	if [ "$mounted" = 1 ]; then
+		umount "$WORK" 2> /dev/null || umount -l "$WORK"
+		mounted=0
+	fi
+	if [ -e "$WORK" ]; then rm -rf "$WORK"; fi
+}
+
+scratch_down() {
+	if [ "$mounted" = 1 ]; then
+		umount "$WORK" 2> /dev/null || umount -l "$WORK"
+		mounted=0
+	fi
+	rm -rf "$WORK" "$CTL"
+}
+
+# scratch_used: bytes used in $WORK, into $used
+scratch_used() {
+	used=0
+	if [ "$mounted" = 1 ]; then
+		df -k "$WORK" > "$CTL/df" 2> /dev/null
+		{
+			read -r _
+			read -r _ _ u _
+		} < "$CTL/df"
+	else
+		u=$(du -sk "$WORK" 2> /dev/null)
+		u="${u%%[!0-9]*}"
+	fi
+	case "$u" in '' | *[!0-9]*) u=0 ;; esac
+	used=$((u * 1024))
+}
+
+fsize() { stat -c %s "$1" 2> /dev/null || wc -c < "$1"; }
+
+# list_outputs: "OUTPUTS <n>" then "<type> <size> <name>" per entry of $WORK/out (type f file, l symlink,
+# d directory, o other, n a name that is not plain: shown as ?); the host decides what to take.
+list_outputs() {
+	n=0
+	for f in "$WORK"/out/* "$WORK"/out/.*; do
+		case "${f##*/}" in . | ..) continue ;; esac
+		[ -e "$f" ] || [ -L "$f" ] || continue
+		n=$((n + 1))
+	done
+	say "OUTPUTS $n"
+	k=0
+	for f in "$WORK"/out/* "$WORK"/out/.*; do
+		b="${f##*/}"
+		case "$b" in . | ..) continue ;; esac
+		[ -e "$f" ] || [ -L "$f" ] || continue
+		k=$((k + 1))
+		[ "$k" -gt 65 ] && break
+		if [ -L "$f" ]; then t=l; elif [ -d "$f" ]; then t=d; elif [ -f "$f" ]; then t=f; else t=o; fi
+		sz=0
+		[ "$t" = f ] && sz=$(fsize "$f")
+		case "$b" in *[!A-Za-z0-9._-]* | .* | -*) t=n b='?' ;; esac
+		[ "${#b}" -le 100 ] || { t=n; b='?'; }
+		say "$t $sz $b"
+	done
+}
+
 run_item() {
 	seq="$1"
 	tmo="$2"
 	maxout="$3"
-	rm -rf "$WORK"
-	mkdir -p "$WORK/out"
-	if ! read_b64 "$WORK/job.b64"; then
+	scratch="$4"
+	nfiles="$5"
+	if [ -e "$CTL" ]; then rm -rf "$CTL"; fi
+	scratch_up "$scratch"
+	if ! read_b64 "$CTL/job.b64"; then
 		log "host went away while sending item $seq"
 		return 1
 	fi
-	base64 -d "$WORK/job.b64" > "$WORK/job.sh" 2> "$WORK/decode.err"
+	base64 -d "$CTL/job.b64" > "$CTL/job.sh" 2> "$CTL/decode.err"
+	# Inputs: FILE <name> <size> and that many raw bytes each; GOT <name> (or FAIL) after each.
+	k=0
+	while [ "$k" -lt "$nfiles" ]; do
+		IFS= read -r l <&3 || return 1
+		set -- $l
+		[ "$1" = FILE ] || { log "item $seq: expected FILE, got $1"; return 1; }
+		case "$2" in *[!A-Za-z0-9._-]* | .* | -* | '') log "item $seq: bad input name"; return 1 ;; esac
+		if dd of="$WORK/$2" bs=65536 count="$3" iflag=count_bytes,fullblock <&3 2> "$CTL/dd.err" &&
+			[ "$(fsize "$WORK/$2")" = "$3" ]; then
+			say "GOT $2"
+		else
+			say "FAIL $2 $(tail -n 1 "$CTL/dd.err" | tr -cd 'A-Za-z0-9 .:_-')"
+			return 1
+		fi
+		k=$((k + 1))
+	done
 	t0=$(uptime_s)
-	(cd "$WORK" && VMTOOL_OUTDIR="$WORK/out" VMTOOL_ITEM_SEQ="$seq" \
-		timeout "$tmo" sh ./job.sh < /dev/null > "$WORK/stdout" 2> "$WORK/stderr")
+	(cd "$WORK" && VMTOOL_OUTDIR="$WORK/out" VMTOOL_ITEM_SEQ="$seq" TMPDIR="$WORK" \
+		timeout "$tmo" sh "$CTL/job.sh" < /dev/null > "$CTL/stdout" 2> "$CTL/stderr")
 	rc=$?
 	t1=$(uptime_s)
 	took=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
-	say "RESULT $seq $rc $took"
-	send_section STDOUT "$WORK/stdout" "$maxout"
-	send_section STDERR "$WORK/stderr" "$maxout"
-	nout=0
-	for f in "$WORK"/out/*; do
-		[ -f "$f" ] || continue
-		n="${f##*/}"
-		# Only plain names come back (the host refuses others), at most 16 files.
-		case "$n" in
-		*[!A-Za-z0-9._-]* | .* | -*) log "item $seq: output $n skipped (not a plain file name)"; continue ;;
+	scratch_used
+	say "RESULT $seq $rc $took $used"
+	send_section STDOUT "$CTL/stdout" "$maxout"
+	send_section STDERR "$CTL/stderr" "$maxout"
+	list_outputs
+	# The host asks for each output it takes: SEND <name> <bytes>; DATA <name> <bytes> and the bytes.
+	while IFS= read -r l <&3; do
+		set -- $l
+		case "$1" in
+		SEND)
+			case "$2" in *[!A-Za-z0-9._-]* | .* | -* | '') log "item $seq: bad output name from host"; return 1 ;; esac
+			say "DATA $2 $3"
+			dd if="$WORK/out/$2" bs=65536 count="$3" iflag=count_bytes 2> /dev/null >&3
+			;;
+		DONE) break ;;
+		PING) ;;
+		*) log "item $seq: unexpected $1 while sending outputs" ;;
 		esac
-		[ "${#n}" -le 100 ] || continue
-		nout=$((nout + 1))
-		[ "$nout" -gt 16 ] && { log "item $seq: more than 16 output files; the rest skipped"; break; }
-		say "OUTPUT $n"
-		head -c "$maxout" "$f" | base64 >&3
-		say .
 	done
 	say "END $seq"
-	rm -rf "$WORK"
+	scratch_down
 	return 0
 }
 
@@ -152,8 +250,8 @@ bury_note() {
 		printf '{"job":%s,"item_id":%s,"reason":' "$1" "$2"
 		json_str "$3" 1000
 		printf ',"attempts":%s,"tube":"%s"}' "${4:-0}" "$tube"
-	} > "$WORK/note.json"
-	bs_put "$tube.buried-reasons" "$WORK/note.json"
+	} > "$CTL/note.json"
+	bs_put "$tube.buried-reasons" "$CTL/note.json"
 	bs "bury $1 1024"
 }
 
@@ -191,29 +289,131 @@ net_up() {
 	return 1
 }
 
-# make_result LIMIT WITH_OUTPUTS TRUNCATED: the result JSON of the current item into $WORK/result.json
+# make_result LIMIT WITH_OUTPUTS TRUNCATED: the result JSON of the current item into $CTL/result.json
 make_result() {
 	{
 		printf '{"v":1,"id":"%s","status":"%s","exit":%s,"stdout":' "$id" "$st" "$rc"
-		json_str "$WORK/stdout" "$1"
+		json_str "$CTL/stdout" "$1"
 		printf ',"stderr":'
-		json_str "$WORK/stderr" "$1"
+		json_str "$CTL/stderr" "$1"
 		printf ',"outputs":{'
-		sep=""
-		nout=0
-		for f in "$WORK"/out/*; do
-			[ "$2" = 1 ] || break
-			[ -f "$f" ] || continue
-			o="${f##*/}"
-			case "$o" in *[!A-Za-z0-9._-]* | .* | -*) continue ;; esac
-			nout=$((nout + 1))
-			[ "$nout" -gt 16 ] && break
-			printf '%s"%s":"%s"' "$sep" "$o" "$(head -c "$1" "$f" | base64 -w 0)"
-			sep=,
-		done
-		printf '},"vm":"%s","duration_s":%s,"attempt":%s,"error":null,"truncated":%s}' \
-			"$vmname" "$took" "$((lost + 1))" "$3"
-	} > "$WORK/result.json"
+		if [ -n "$outurl" ]; then
+			[ "$st" != error ] && [ -s "$CTL/uploaded" ] && cat "$CTL/uploaded"
+		else
+			sep=""
+			nout=0
+			for f in "$WORK"/out/*; do
+				[ "$2" = 1 ] || break
+				[ -f "$f" ] || continue
+				o="${f##*/}"
+				case "$o" in *[!A-Za-z0-9._-]* | .* | -*) continue ;; esac
+				nout=$((nout + 1))
+				[ "$nout" -gt 16 ] && break
+				printf '%s"%s":"%s"' "$sep" "$o" "$(head -c "$1" "$f" | base64 -w 0)"
+				sep=,
+			done
+		fi
+		printf '},"vm":"%s","duration_s":%s,"attempt":%s,"error":' "$vmname" "$took" "$((lost + 1))"
+		if [ -s "$CTL/err" ]; then json_str "$CTL/err" 2000; else printf null; fi
+		printf ',"truncated":%s,"bytes_in":%s,"bytes_out":%s,"transfer_s":%s}' "$3" "$bytes_in" "$bytes_out" "$tx"
+	} > "$CTL/result.json"
+}
+
+# fetch_inputs: the item's URL inputs ("#in NAME SHA256|- URL" lines) into $WORK with busybox wget,
+# checked against their sha256 and limits.max_input_bytes; why not into $CTL/err.
+fetch_inputs() {
+	: > "$CTL/err"
+	sed -n 's/^#in //p' "$CTL/job.sh" > "$CTL/inputs"
+	while read -r name sha url; do
+		case "$url" in
+		http://* | https://*) ;;
+		*)
+			echo "input $name: $url: direct mode fetches only http(s) inputs (use relay mode for s3, sftp and file)" > "$CTL/err"
+			return 1
+			;;
+		esac
+		if ! wget -q -O "$WORK/$name" "$url" < /dev/null 2> "$CTL/wget.err"; then
+			echo "input $name: cannot fetch $url: $(tail -n 1 "$CTL/wget.err")" > "$CTL/err"
+			return 1
+		fi
+		sz=$(fsize "$WORK/$name")
+		bytes_in=$((bytes_in + sz))
+		if [ "$bytes_in" -gt "$maxin" ]; then
+			echo "inputs are more than the item's input limit of $maxin bytes (limits.max_input_bytes)" > "$CTL/err"
+			return 1
+		fi
+		if [ "$sha" != - ]; then
+			got=$(sha256sum "$WORK/$name" | cut -d' ' -f1)
+			if [ "$got" != "$sha" ]; then
+				echo "input $name ($url): checksum mismatch: expected sha256 $sha, got $got" > "$CTL/err"
+				return 1
+			fi
+		fi
+	done < "$CTL/inputs"
+	return 0
+}
+
+# http_put URL FILE: PUT FILE to an http:// URL with busybox nc; 0 if the server answered 2xx.
+http_put() {
+	rest="${1#http://}"
+	hp="${rest%%/*}"
+	path="/${rest#*/}"
+	host="${hp%:*}"
+	port="${hp##*:}"
+	[ "$host" = "$hp" ] && port=80
+	{
+		printf 'PUT %s HTTP/1.0\r\nHost: %s\r\nContent-Length: %s\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n' \
+			"$path" "$hp" "$(fsize "$2")"
+		cat "$2"
+	} | nc "$host" "$port" > "$CTL/put.resp" 2> /dev/null
+	code=$(head -n 1 "$CTL/put.resp" | cut -d' ' -f2)
+	case "$code" in 2??) return 0 ;; esac
+	echo "HTTP ${code:-no answer}"
+	return 1
+}
+
+# put_outputs: every file in $WORK/out PUT to $outurl<name> (http:// only in direct mode), after the same
+# checks as the host's (plain names, regular files, limits.max_output_bytes); JSON into $CTL/uploaded.
+put_outputs() {
+	case "$outurl" in
+	http://*) ;;
+	*)
+		echo "output_url $outurl: direct mode uploads only by http:// PUT (use relay mode for s3, sftp, https and file)" > "$CTL/err"
+		return 1
+		;;
+	esac
+	total=0
+	for f in "$WORK"/out/* "$WORK"/out/.*; do
+		b="${f##*/}"
+		case "$b" in . | ..) continue ;; esac
+		[ -e "$f" ] || [ -L "$f" ] || continue
+		case "$b" in *[!A-Za-z0-9._-]* | .* | -*) echo "an output's name is not a plain file name ([A-Za-z0-9._-], no path, no leading dot)" > "$CTL/err"; return 1 ;; esac
+		[ -L "$f" ] && { echo "output $b is a symbolic link: only regular files are outputs" > "$CTL/err"; return 1; }
+		[ -d "$f" ] && { echo "output $b is a directory: only regular files are outputs" > "$CTL/err"; return 1; }
+		[ -f "$f" ] || { echo "output $b is not a regular file" > "$CTL/err"; return 1; }
+		total=$((total + $(fsize "$f")))
+	done
+	if [ "$total" -gt "$maxoutb" ]; then
+		echo "outputs are $total bytes, more than the item's limit of $maxoutb (limits.max_output_bytes)" > "$CTL/err"
+		return 1
+	fi
+	sep=""
+	: > "$CTL/uploaded"
+	for f in "$WORK"/out/*; do
+		[ -f "$f" ] || continue
+		b="${f##*/}"
+		if ! why=$(http_put "$outurl$b" "$f"); then
+			echo "cannot upload output $b to $outurl$b: $why" > "$CTL/err"
+			: > "$CTL/uploaded"
+			return 1
+		fi
+		sz=$(fsize "$f")
+		bytes_out=$((bytes_out + sz))
+		printf '%s"%s":{"url":"%s","size":%s,"sha256":"%s"}' "$sep" "$b" "$outurl$b" "$sz" \
+			"$(sha256sum "$f" | cut -d' ' -f1)" >> "$CTL/uploaded"
+		sep=,
+	done
+	return 0
 }
 
 run_direct() {
@@ -247,50 +447,79 @@ run_direct() {
 		set -- $resp
 		jid="$2"
 		IFS= read -r body <&5
-		rm -rf "$WORK"
-		mkdir -p "$WORK/out"
-		printf '%s\n' "${body%"$CR"}" > "$WORK/item.json"
-		if ! awk -f "${VMTOOL_AGENT_ITEM_AWK:-/usr/lib/vmtool/agent-item.awk}" "$WORK/item.json" > "$WORK/job.sh" 2> "$WORK/why"; then
-			bury_note "$jid" null "$WORK/why"
+		rm -rf "$CTL"
+		mkdir -p "$CTL"
+		printf '%s\n' "${body%"$CR"}" > "$CTL/item.json"
+		if ! awk -f "${VMTOOL_AGENT_ITEM_AWK:-/usr/lib/vmtool/agent-item.awk}" "$CTL/item.json" > "$CTL/job.sh" 2> "$CTL/why"; then
+			bury_note "$jid" null "$CTL/why"
 			continue
 		fi
-		id=$(sed -n 's/^#id //p' "$WORK/job.sh")
-		tmo=$(sed -n 's/^#timeout //p' "$WORK/job.sh")
-		max=$(sed -n 's/^#max //p' "$WORK/job.sh")
+		hdr() { sed -n "s/^#$1 //p" "$CTL/job.sh"; }
+		id=$(hdr id)
+		tmo=$(hdr timeout)
+		max=$(hdr max)
+		maxin=$(hdr maxin)
+		maxoutb=$(hdr maxout)
+		outurl=$(hdr outurl)
 		job_stats "$jid"
 		lost=$((reserves - 1 - releases))
 		if [ "$lost" -ge "$maxatt" ]; then
-			echo "failed $lost times; last: its VM or worker died or its TTR expired" > "$WORK/why"
-			bury_note "$jid" "\"$id\"" "$WORK/why" "$lost"
+			echo "failed $lost times; last: its VM or worker died or its TTR expired" > "$CTL/why"
+			bury_note "$jid" "\"$id\"" "$CTL/why" "$lost"
 			continue
 		fi
-		t0=$(uptime_s)
-		(
-			cd "$WORK" && VMTOOL_OUTDIR="$WORK/out" timeout "$tmo" sh ./job.sh < /dev/null > "$WORK/stdout" 2> "$WORK/stderr"
-			echo $? > "$WORK/rc"
-		) &
-		n=0
-		while [ ! -s "$WORK/rc" ]; do
-			sleep 0.1
-			n=$((n + 1))
-			[ $((n % 100)) -eq 0 ] && bs "touch $jid"
-		done
-		rc=$(cat "$WORK/rc")
-		t1=$(uptime_s)
-		took=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
-		st=ok
-		[ "$rc" -ne 0 ] && st=failed
-		if [ "$rc" -eq 124 ] || [ "$rc" -eq 143 ]; then
-			awk -v a="$took" -v t="$tmo" 'BEGIN { exit !(a >= t - 1) }' && st=timeout
+		scratch_up "$(hdr scratch)"
+		: > "$CTL/stdout"
+		: > "$CTL/stderr"
+		bytes_in=0
+		bytes_out=0
+		tx=0
+		rc=null
+		took=0
+		st=error
+		ta=$(uptime_s)
+		fetch_inputs
+		tb=$(uptime_s)
+		tx=$(awk -v a="$ta" -v b="$tb" 'BEGIN { printf "%.2f", b - a }')
+		if [ ! -s "$CTL/err" ]; then
+			t0=$(uptime_s)
+			(
+				cd "$WORK" && VMTOOL_OUTDIR="$WORK/out" TMPDIR="$WORK" timeout "$tmo" sh "$CTL/job.sh" < /dev/null > "$CTL/stdout" 2> "$CTL/stderr"
+				echo $? > "$CTL/rc"
+			) &
+			n=0
+			while [ ! -s "$CTL/rc" ]; do
+				sleep 0.1
+				n=$((n + 1))
+				[ $((n % 100)) -eq 0 ] && bs "touch $jid"
+			done
+			rc=$(cat "$CTL/rc")
+			t1=$(uptime_s)
+			took=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
+			st=ok
+			[ "$rc" -ne 0 ] && st=failed
+			if [ "$rc" -eq 124 ] || [ "$rc" -eq 143 ]; then
+				awk -v a="$took" -v t="$tmo" 'BEGIN { exit !(a >= t - 1) }' && st=timeout
+			fi
+			scratch_used
+			if [ $((used + 65536)) -ge "$(hdr scratch)" ]; then
+				echo "the item filled its scratch space (${used} of $(hdr scratch) bytes, limits.scratch_bytes)" > "$CTL/err"
+			elif [ -n "$outurl" ]; then
+				ta=$(uptime_s)
+				put_outputs
+				tb=$(uptime_s)
+				tx=$(awk -v a="$ta" -v b="$tb" -v t="$tx" 'BEGIN { printf "%.2f", t + b - a }')
+			fi
+			[ -s "$CTL/err" ] && st=error
 		fi
 		make_result "$max" 1 false
-		bs_put "$tube.results" "$WORK/result.json"
+		bs_put "$tube.results" "$CTL/result.json"
 		case "$put_resp" in
 		INSERTED*) ;;
 		*)
 			# Too big for the server (or refused): send the tails only, marked truncated.
 			make_result 4096 0 true
-			bs_put "$tube.results" "$WORK/result.json"
+			bs_put "$tube.results" "$CTL/result.json"
 			;;
 		esac
 		case "$put_resp" in
@@ -299,10 +528,11 @@ run_direct() {
 			say "DID $id $st $rc $took"
 			;;
 		*)
-			echo "the result could not be stored ($put_resp)" > "$WORK/why"
-			bury_note "$jid" "\"$id\"" "$WORK/why" "$lost"
+			echo "the result could not be stored ($put_resp)" > "$CTL/why"
+			bury_note "$jid" "\"$id\"" "$CTL/why" "$lost"
 			;;
 		esac
+		work_down
 	done
 	printf 'quit\r\n' >&4
 	exec 4>&- 5<&-
@@ -357,7 +587,7 @@ while :; do
 	line=""
 	case "$1" in
 	PING) ;;
-	ITEM) run_item "$2" "$3" "$4" || break ;;
+	ITEM) run_item "$2" "$3" "$4" "$5" "$6" || break ;;
 	DIRECT)
 		say "DIRECTING"
 		run_direct "$2" "$3" "$4" "$5" "$6" "$7"
