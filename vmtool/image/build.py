@@ -513,7 +513,10 @@ def _copy_config(tree: GuestTree, version: str, tmp: Path) -> None:
         data = tree.read_file(real, 16 << 20)
     except ImageError:
         return
-    (tmp / f".config-{version}").write_bytes(data)
+    try:
+        (tmp / f".config-{version}").write_bytes(data)
+    except OSError as e:
+        raise os_error(e, f"copying /boot/config-{version} out of the guest") from None
 
 
 def _locate(layout: Layout, work: Work, materialized: dict[str, Path]) -> GuestFilesystems:
