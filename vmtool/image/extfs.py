@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from vmtool.errors import CommandError, ImageError
+from vmtool.fsutil import os_error
 from vmtool.run import run
 
 # 'ls -p' lines: /inode/mode/uid/gid/name/size/
@@ -167,7 +168,10 @@ class ExtFs:
                 parent = parent or "/"
                 cmds.extend(self._mkdirs(parent))
                 host = Path(td) / f"f{n}"
-                host.write_bytes(content)
+                try:
+                    host.write_bytes(content)
+                except OSError as e:
+                    raise os_error(e, f"staging {norm} to write into {self.name}") from None
                 st = self.lstat(norm)
                 if st is not None:
                     if st[1] & S_IFMT == S_IFDIR:
@@ -198,7 +202,10 @@ class ExtFs:
                 cmds.append('cd "/"')
             for n, (gpath, value) in enumerate(sorted((xattrs or {}).items())):
                 vfile = Path(td) / f"x{n}"
-                vfile.write_bytes(value)
+                try:
+                    vfile.write_bytes(value)
+                except OSError as e:
+                    raise os_error(e, f"staging the SELinux label of {gpath}") from None
                 cmds.append(f'ea_set -f "{_q(os.fspath(vfile))}" "{_q(_normalise(gpath))}" security.selinux')
             if label is not None:
                 cmds.append(f'ssv volume_name "{_q(label)}"')
