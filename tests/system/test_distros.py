@@ -121,7 +121,7 @@ def test_debian_dracut_xfs_root_on_lvm_builds_with_guestfs_and_runs_items(
 
     disk, facts = distro_disk("debian-12-dracut-xfs", tmp_path_factory)
     assert facts["fstype"] == "xfs" and facts["vg"] == "rl"
-    manifest = distro_build(disk, tmp_path_factory)
+    manifest = distro_build(disk, tmp_path_factory, "--label", "img-rootfs")  # xfs labels: 12 bytes
     m = json.loads(manifest.read_text())
     assert m["build"]["backend"] == "guestfs" and m["rootfs"]["fstype"] == "xfs"
     assert m["guest"]["init"]["kind"] == "systemd" and m["guest"]["initrd"]["generator"] == "dracut"
