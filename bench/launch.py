@@ -172,7 +172,7 @@ def time_download(manifest: Path, img: Path, work: Path, network: str, counters:
 
 def bench_network(work: Path, mib: int) -> int:
     from tests.fixtures.netlab import PORT, _make, _remove
-    from tests.system.test_launch_network import NET_UP
+    from tests.vm.test_launch_network import NET_UP
 
     lan = _make("b", f"10.202.{os.getpid() % 250 + 1}", work)
     try:

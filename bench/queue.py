@@ -134,8 +134,8 @@ def part1(addr: tuple[str, int]) -> bool:
 def build_image(top: Path) -> Path:
     from vmtool.image.build import build
     from vmtool.image.options import BuildOptions
-    from vmtool.images.disk import make_default_disk
     from vmtool.queue.agent import AgentMode
+    from vmtool.recipe.create import make_default_disk
 
     disk = top / "default.raw"
     make_default_disk(disk)

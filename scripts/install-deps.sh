@@ -14,6 +14,7 @@ DEB_PACKAGES=(
     e2fsprogs xfsprogs fdisk gdisk lvm2 dosfstools mtools
     ovmf systemd-boot-efi binutils
     openssh-server openssh-client openssl tar gzip curl
+    mmdebstrap zstd lz4 cpio
     python3-venv python3-dev
 )
 

@@ -21,6 +21,7 @@ pytest_plugins = [
     "tests.fixtures.cloud",
     "tests.fixtures.squid",
     "tests.fixtures.slotuser",
+    "tests.fixtures.distros",
 ]
 
 os.environ.setdefault("PATH", "/usr/bin:/bin")

@@ -252,13 +252,13 @@ def _seed_output(top: Path, say: Say) -> Iterator[tuple[str, str | None, Path]]:
 def run_demo(opts: DemoOptions, say: Say) -> dict[str, Any]:
     from vmtool.image.build import build
     from vmtool.image.options import BuildOptions
-    from vmtool.images.disk import make_default_disk
     from vmtool.queue.agent import AgentMode
     from vmtool.queue.beanstalk import Beanstalk, results_tube
     from vmtool.queue.client import collect_results, put_items
     from vmtool.queue.items import item_from_dict
     from vmtool.queue.vms import VMFactory, resolve_image
     from vmtool.queue.worker import Worker, WorkerOptions
+    from vmtool.recipe.create import make_default_disk
     from vmtool.stage.cache import Cache
     from vmtool.stage.sources import parse_source
     from vmtool.stage.stage import stage

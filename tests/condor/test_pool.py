@@ -1,4 +1,4 @@
-"""examples/condor/ in a real HTCondor 23.9 pool (tests/fixtures/condor.py), submitted by a non-root user.
+"""templates/condor/ in a real HTCondor 23.9 pool (tests/fixtures/condor.py), submitted by a non-root user.
 
 The submit files are the examples with only paths changed (images under /nfs/images/<guest>/, the
 host kernel's file names); the memory test also gives the guest a VM memory limit it will pass.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -16,7 +17,7 @@ import pytest
 from tests.fixtures.images import tree_with_host_kernel, whole_disk
 from vmtool.cli.main import main
 from vmtool.image import lvm
-from vmtool.images.disk import sparse_copy_into
+from vmtool.recipe.disk import sparse_copy_into
 from vmtool.run import run
 
 pytestmark = pytest.mark.integration
@@ -329,3 +330,43 @@ def test_unsupported_format_and_bad_label(
     build_fails(capsys, vmdk, tmp_path, "vmdk images are not supported")
     build_fails(capsys, default_disk, tmp_path, "may only hold", "--label", "bad label")
     build_fails(capsys, default_disk, tmp_path, "limited to 16 bytes", "--label", "a-label-longer-than-16")
+
+
+def test_unreadable_initrd_is_refused_with_its_fix(
+    default_disk: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The default disk's decoy 6.1.0-9 "initrd" is text: neither cpio nor a known compression.
+    capsys.readouterr()
+    rc = main(["build", str(default_disk), "-o", str(tmp_path / "out"), "--kernel-version", "6.1.0-9-amd64"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "not a cpio archive nor a known compression" in err and "--no-initrd-check" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_kernel_without_config_is_refused_with_its_fix(
+    guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = tree_with_host_kernel(guest_tree_dir, tmp_path / "tree")
+    for cfg in (tree / "boot").glob("config-*"):
+        cfg.unlink()
+    disk = tmp_path / "noconfig.raw"
+    whole_disk(disk, tree=tree, boot="dir", root="partition", kernels=[], decoys=False)
+    build_fails(capsys, disk, tmp_path, "config-<version>. is missing, so vmtool cannot tell which drivers")
+
+
+def test_init_vmtool_cannot_hook_is_refused(
+    guest_tree_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = tree_with_host_kernel(guest_tree_dir, tmp_path / "tree")
+    (tree / "sbin/init").unlink()
+    (tree / "sbin/init").write_text("#!/bin/sh\nexec /opt/myinit\n")
+    disk = tmp_path / "myinit.raw"
+    whole_disk(disk, tree=tree, boot="dir", root="partition", kernels=[], decoys=False)
+    capsys.readouterr()
+    rc = main(["build", str(disk), "-o", str(tmp_path / "out"), "--agent"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "cannot start its agent on this image's init" in err and "agent-boot" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    # Without --agent the same image builds (the init is only recorded).
+    assert main(["build", str(disk), "-o", str(tmp_path / "out2"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["guest"]["init"]["kind"] == "unknown"

@@ -201,8 +201,18 @@ def test_qcow2_source_rootfs_qcow2_and_ssh_keys(
 def test_kernel_version_selects_an_older_kernel(
     default_disk: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    m = build(capsys, str(default_disk), "-o", str(tmp_path / "out"), "--kernel-version", "6.1.0-9-amd64")
+    # The decoy's "initrd" is a line of text: the initrd check is turned off to select it.
+    m = build(
+        capsys,
+        str(default_disk),
+        "-o",
+        str(tmp_path / "out"),
+        "--kernel-version",
+        "6.1.0-9-amd64",
+        "--no-initrd-check",
+    )
     assert m["kernel"]["path"] == "vmlinuz-6.1.0-9-amd64"
+    assert m["guest"]["initrd"] is None
     assert (tmp_path / "out/vmlinuz-6.1.0-9-amd64").read_bytes() == b"decoy kernel 6.1.0-9-amd64\n"
 
 
@@ -220,7 +230,7 @@ def test_kernel_symlinks_resolved_inside_the_guest(
             "initrd.img-7.0.0-1-amd64": "initrd.img-6.1.0-9-amd64",
         },
     )
-    m = build(capsys, str(tmp_path / "disk.raw"), "-o", str(tmp_path / "out"))
+    m = build(capsys, str(tmp_path / "disk.raw"), "-o", str(tmp_path / "out"), "--no-initrd-check")
     assert m["kernel"]["version"] == "7.0.0-1-amd64"
     assert (tmp_path / "out/vmlinuz-7.0.0-1-amd64").read_bytes() == b"decoy kernel 6.1.0-9-amd64\n"
     assert not (tmp_path / "out/vmlinuz-7.0.0-1-amd64").is_symlink()

@@ -22,7 +22,13 @@ def test_agent_files_written_into_the_rootfs(
     capsys.readouterr()
     assert main(["build", str(default_disk), "-o", str(tmp_path / "out"), "--agent", "relay", "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
-    assert m["agent"] == {"mode": "relay", "version": AGENT_VERSION}
+    assert m["agent"] == {
+        "mode": "relay",
+        "version": AGENT_VERSION,
+        "init": "vmtool",
+        "hook": "started by vmtool's own init from /etc/vmtool/rc.d",
+    }
+    assert m["guest"]["init"]["kind"] == "vmtool"
     rootfs = tmp_path / "out/rootfs.img"
     for path, (content, mode) in agent_files("relay").items():
         assert run(["debugfs", "-R", f"cat {path}", str(rootfs)]).stdout == content

@@ -68,12 +68,53 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="install the vmtool guest agent (default mode: relay)",
     )
+    b.add_argument(
+        "--no-initrd-check",
+        dest="initrd_check",
+        action="store_false",
+        help="do not read the initrd for its disk drivers (the guest is then booted from virtio)",
+    )
     b.add_argument("--disk", action="store_true", help="also assemble a bootable whole-disk image")
     b.add_argument(
         "--disk-format", metavar=_one_of(ImageFormat), default="raw", help="format of the --disk image"
     )
     add_json_flag(b)
     b.set_defaults(func=cmd_build)
+
+    img = sub.add_parser(
+        "image",
+        help="make whole-disk images from the recipes in images/",
+        description="Image recipes (images/*.toml) say how to make a root tree and lay it out on a disk "
+        "as an installer would; a site can make a worker image without running an installer.",
+    )
+    isub = img.add_subparsers(dest="image_command", metavar="COMMAND", required=True)
+    c = isub.add_parser(
+        "create",
+        help="make an installer-style whole-disk image from a recipe",
+        description="Make a whole-disk image from RECIPE (a name from `vmtool image list`, or a .toml "
+        "file). Distribution recipes run mmdebstrap and need root.",
+    )
+    c.add_argument("recipe", metavar="RECIPE", help="recipe name or .toml file")
+    c.add_argument("-o", "--output", dest="out", metavar="DISK", required=True, help="the disk image to write")
+    c.add_argument("--format", choices=("raw", "qcow2"), default="raw", help="format of DISK (default raw)")
+    c.add_argument(
+        "--cache", metavar="DIR", type=Path, help="keep the distribution tree here and reuse it next time"
+    )
+    c.add_argument("--build", metavar="OUTDIR", help="then `vmtool build` DISK into OUTDIR")
+    c.add_argument(
+        "--agent",
+        nargs="?",
+        const="relay",
+        metavar=_one_of(AgentMode),
+        default=None,
+        help="with --build: install the guest agent (default mode: relay)",
+    )
+    c.add_argument("--force", action="store_true", help="replace DISK (and OUTDIR) if they exist")
+    add_json_flag(c)
+    c.set_defaults(func=cmd_image_create)
+    ls = isub.add_parser("list", help="list the recipes in images/")
+    add_json_flag(ls)
+    ls.set_defaults(func=cmd_image_list)
 
 
 def _one_of(kind: type[StrEnum]) -> str:
@@ -134,6 +175,8 @@ def render_inspect(d: dict[str, Any]) -> str:
             out.append(f"  {k['version']}: {k['path']}{link}, {initrd}{mark}")
     else:
         out.append(f"kernels: {d['kernels_note'] or 'none found'}")
+    if d.get("init"):
+        out.append(f"init: {d['init']['kind']} ({d['init']['evidence']})")
     if d["fstab"] is not None:
         out.append("fstab:")
         out.extend(f"  {line}" for line in d["fstab"].splitlines())
@@ -184,12 +227,18 @@ def cmd_build(args: argparse.Namespace) -> int:
         agent=args.agent,
         disk=args.disk,
         disk_format=args.disk_format,
+        initrd_check=args.initrd_check,
     )
     res = build(opts)
-    m = res.manifest
-    data = m.to_dict()
+    data = res.manifest.to_dict()
     data["outdir"] = str(res.outdir)
-    text = "\n".join(
+    emit(args, data, _build_text(res))
+    return 0
+
+
+def _build_text(res: Any) -> str:
+    m = res.manifest
+    return "\n".join(
         [
             f"built {res.outdir} with the {res.backend} backend ({res.backend_reason})",
             f"  rootfs:  {m.rootfs.path} ({m.rootfs.fstype}, label {m.rootfs.label}, {_size(m.rootfs.virtual_size)}, "
@@ -197,9 +246,65 @@ def cmd_build(args: argparse.Namespace) -> int:
             f"  kernel:  {m.kernel.path}",
             f"  initrd:  {m.initrd.path}",
             f"  cmdline: {m.cmdline}",
+            *_guest_lines(m.extra.get("guest")),
             *([f"  disk:    {m.disk.path} ({m.disk.format})"] if m.disk else []),
             "  manifest.json",
         ]
     )
-    emit(args, data, text)
+
+
+def _guest_lines(guest: Any) -> list[str]:
+    if not guest:
+        return []
+    lines = [f"  init:    {guest['init']['kind']} ({guest['init']['evidence']})"]
+    if guest.get("agent_hook"):
+        lines.append(f"  agent:   {guest['agent_hook']}")
+    ird = guest.get("initrd")
+    if ird:
+        lines.append(
+            f"  initrd:  {'+'.join(ird['archives'])} by {ird['generator']}; boots from "
+            f"{', '.join(ird['buses'])}"
+        )
+        lines.extend(f"  warning: {w}" for w in ird["warnings"])
+    for s in guest.get("selinux") or []:
+        lines.append(f"  selinux: {s}")
+    return lines
+
+
+def cmd_image_list(args: argparse.Namespace) -> int:
+    from vmtool.recipe.recipe import load_recipe, recipe_names
+
+    recipes = [load_recipe(n) for n in recipe_names()]
+    data = {"recipes": [{"name": r.name, "description": r.description, "path": str(r.path)} for r in recipes]}
+    width = max((len(r.name) for r in recipes), default=0)
+    emit(args, data, "\n".join(f"{r.name.ljust(width)}  {r.description}" for r in recipes))
+    return 0
+
+
+def cmd_image_create(args: argparse.Namespace) -> int:
+    from vmtool.errors import VmtoolError
+    from vmtool.recipe.create import create_disk
+    from vmtool.recipe.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out)
+    if args.agent and not args.build:
+        raise VmtoolError("--agent needs --build OUTDIR", hint="add --build OUTDIR, or drop --agent")
+    if out.exists() and not args.force:
+        raise VmtoolError(f"{out} exists", hint="choose another -o, or add --force")
+    if out.is_dir():
+        raise VmtoolError(f"{out} is a directory", hint="give a file name for the disk image")
+    from vmtool.image.build import build
+    from vmtool.image.options import BuildOptions
+
+    # Checked before the disk is made, so a bad option leaves nothing behind.
+    opts = BuildOptions(source=out, outdir=Path(args.build), force=args.force, agent=args.agent) if args.build else None
+    facts = create_disk(recipe, out, fmt=args.format, cache=args.cache)
+    data: dict[str, Any] = {"recipe": recipe.name, "disk": str(out), "format": args.format, "facts": facts}
+    lines = [f"made {out} ({args.format}) from recipe {recipe.name}: {recipe.description}"]
+    if opts is not None:
+        res = build(opts)
+        data["build"] = res.manifest.to_dict()
+        lines.append(_build_text(res))
+    emit(args, data, "\n".join(lines))
     return 0

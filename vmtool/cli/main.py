@@ -22,6 +22,7 @@ from vmtool.log import setup_logging
 COMMANDS = {
     "inspect": "vmtool.cli.image",
     "build": "vmtool.cli.image",
+    "image": "vmtool.cli.image",
     "stage": "vmtool.cli.stage",
     "cache": "vmtool.cli.stage",
     "domain": "vmtool.cli.domain",

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmtool.datafiles import data_file
 from vmtool.domain import sanitise
 from vmtool.domain.model import CPU, Disk, Domain, Interface
 from vmtool.domain.sanitise import Notes, Sandbox
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 TCG_CPU_MODEL = "qemu64"
 DEFAULT_MEMORY_MIB = 512
 VMTOOL_PREFIX = "vmtool"
+DISK_BUS_PREFIX = {"virtio": "vd", "sata": "sd", "ide": "hd"}
 NAT_TAP_PLACEHOLDER = "vmt-tap"  # what `vmtool domain render --network nat` shows; launch names the real one
 BLOCK_DISK_TYPES = ("block", "network", "volume", "nvme", "vhostuser", "vhostvdpa", "dir")
 
@@ -66,11 +68,15 @@ class BootFiles:
     initrd: Path
     cmdline: str
     build_dir: Path  # the build's directory: the domain may name files in it, as in the sandbox
+    # The disk bus the initrd can boot from (the build's initrd check): virtio, else sata, else ide.
+    disk_bus: str = "virtio"
 
     @classmethod
     def of(cls, manifest: Manifest) -> BootFiles:
+        initrd = (manifest.extra.get("guest") or {}).get("initrd") or {}
+        buses = [b for b in initrd.get("buses") or () if b in DISK_BUS_PREFIX]
         return cls(kernel=manifest.kernel_path, initrd=manifest.initrd_path, cmdline=manifest.cmdline,
-                   build_dir=manifest.base_dir.resolve())
+                   build_dir=manifest.base_dir.resolve(), disk_bus=buses[0] if buses else "virtio")
 
 
 @dataclass(frozen=True)
@@ -293,15 +299,19 @@ class _Renderer:
                 disk.driver_name, disk.driver_type = "qemu", fmt
             disk.drop_backing_chain()
             used.add(disk.target_dev or "")
+        bus = self.opts.boot.disk_bus if self.opts.boot is not None else "virtio"
+        prefix = DISK_BUS_PREFIX[bus]
+        if bus != "virtio" and overlays:
+            self.change(f"disks on the {bus} bus: the build's initrd has no virtio disk driver")
         for p in overlays:
             n = 0
-            while f"vd{chr(ord('a') + n)}" in used:
+            while f"{prefix}{chr(ord('a') + n)}" in used:
                 n += 1
-            dev = f"vd{chr(ord('a') + n)}"
+            dev = f"{prefix}{chr(ord('a') + n)}"
             used.add(dev)
             disk = self.dom.disks.add(type="file", device="disk")
             disk.driver_name = "qemu"
-            disk.target_dev, disk.target_bus = dev, "virtio"
+            disk.target_dev, disk.target_bus = dev, bus
             self._to_overlay(disk, p)
             disk.reindent()
 
@@ -451,12 +461,12 @@ def kernel_cmdline(words: list[str]) -> str:
     return " ".join(out)
 
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "domain.xml"
-
-
 def render(source: bytes | str | None, opts: RenderOptions, host: HostFacts, slot: Slot) -> Rendered:
     """Rewrite a domain XML (or vmtool's template when None) for this host and slot."""
-    text = TEMPLATE.read_text() if source is None else (source.decode() if isinstance(source, bytes) else source)
+    if source is None:
+        text = data_file("templates", "domain/domain.xml").read_text()
+    else:
+        text = source.decode() if isinstance(source, bytes) else source
     dom = Domain.from_xml(text)
     r = _Renderer(dom, opts, host, slot)
     r.template = source is None

@@ -11,8 +11,8 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from vmtool import __version__
 from vmtool.errors import CommandError, ImageError, VmtoolError
 from vmtool.fsutil import atomic_dir, os_error, sha256_file
 from vmtool.image import fstab as fstabmod
+from vmtool.image import initsys
 from vmtool.image.extfs import ExtFs
 from vmtool.image.extract import (
     PendingDigest,
@@ -30,6 +31,9 @@ from vmtool.image.extract import (
     sparse_clone,
 )
 from vmtool.image.fs import probe
+from vmtool.image.guesttree import GuestTree
+from vmtool.image.initrd import InitrdReport
+from vmtool.image.initsys import InitSystem
 from vmtool.image.inspect import (
     EXT_TYPES,
     Kernel,
@@ -67,6 +71,71 @@ class Edits:
     label: str
     ssh_keys: bytes  # appended to root's authorized_keys
     files: Mapping[str, tuple[bytes, int]]  # guest path -> (content, mode): the agent's files
+    symlinks: Mapping[str, str] = field(default_factory=dict)  # guest path -> target
+    xattrs: Mapping[str, bytes] = field(default_factory=dict)  # guest path -> security.selinux label
+    agent: AgentMode | None = None  # hooked into the guest's init once it is known
+
+
+@dataclass(frozen=True)
+class GuestReport:
+    """What the build found in the guest and did about it (the manifest's "guest" section)."""
+
+    init: InitSystem
+    agent_hook: str | None
+    initrd: InitrdReport | None = None
+    selinux: tuple[str, ...] = ()  # where each written file's label came from
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "init": self.init.to_dict(),
+            "agent_hook": self.agent_hook,
+            "selinux": list(self.selinux),
+            "initrd": self.initrd.to_dict() if self.initrd else None,
+        }
+
+
+def guest_edits(
+    edits: Edits, tree: GuestTree, init: InitSystem | None, existing_label: Callable[[str], bytes | None]
+) -> tuple[Edits, GuestReport]:
+    """The edits completed for this guest: the agent hooked into its init (refused if it cannot be),
+    and, in an SELinux guest, a label for every file written."""
+    init = init or initsys.detect(tree)
+    if edits.agent is None:
+        return _labelled(edits, tree, existing_label, GuestReport(init, None))
+    h = initsys.hook(init, tree)
+    files = dict(edits.files)
+    conf_path = agentmod_conf_path()
+    if conf_path in files and init.kind != "vmtool":
+        content, mode = files[conf_path]
+        files[conf_path] = (content + f"VMTOOL_AGENT_POWEROFF='{initsys.poweroff_command(init.kind)}'\n".encode(), mode)
+    files.update(h.files)
+    log.info("agent: %s", h.description)
+    done = replace(edits, files=files, symlinks={**edits.symlinks, **h.symlinks})
+    return _labelled(done, tree, existing_label, GuestReport(init, h.description))
+
+
+def _labelled(
+    edits: Edits, tree: GuestTree, existing: Callable[[str], bytes | None], report: GuestReport
+) -> tuple[Edits, GuestReport]:
+    from vmtool.image import selinux
+
+    policy = selinux.load_policy(tree)
+    if policy is None:
+        return edits, report
+    files = ["/etc/fstab", *edits.files]
+    if edits.ssh_keys:
+        files.append(AUTHORIZED_KEYS)
+    xattrs, said = selinux.labels(policy, set(files), set(edits.symlinks), existing)
+    log.warning("SELinux is %s in the guest: labelled %d files vmtool wrote", policy.mode, len(xattrs))
+    for line in said:
+        log.info("selinux: %s", line)
+    return replace(edits, xattrs=xattrs), replace(report, selinux=tuple(said))
+
+
+def agentmod_conf_path() -> str:
+    from vmtool.queue import agent as agentmod
+
+    return agentmod.CONF_PATH
 
 
 @dataclass(frozen=True)
@@ -180,7 +249,7 @@ def build(opts: BuildOptions) -> BuildResult:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the VM runner (libvirt's qemu user) must read it
         src_hash = BackgroundHash(src.path)
         try:
-            edits = Edits(opts.label or DEFAULT_LABEL, keys, extra_files)
+            edits = Edits(opts.label or DEFAULT_LABEL, keys, extra_files, agent=opts.agent)
             return _build_in(opts, src, tmp, src_hash, edits, agent_info)
         except BaseException:
             src_hash.cancel()
@@ -215,9 +284,15 @@ def _build_in(
         label = edits.label
         check_label(label, root.fstype, explicit=opts.label is not None)  # its limit depends on the type
         if backend is Backend.NATIVE:
-            boot, out = _native(layout, work, edits, opts.kernel_version, materialized)
+            boot, out, report = _native(
+                layout, work, edits, opts.kernel_version, materialized, initrd_check=opts.initrd_check
+            )
         else:
-            boot, out = _guestfs(layout, work, edits, opts.kernel_version)
+            boot, out, report = _guestfs(layout, work, edits, opts.kernel_version)
+        if opts.initrd_check and report.initrd is None:  # the native backend checked it on its thread
+            report = replace(report, initrd=_check_initrd(boot, layout, work))
+        if agent_info is not None:
+            agent_info = {**agent_info, "init": report.init.kind, "hook": report.agent_hook}
         for p in materialized.values():
             p.unlink(missing_ok=True)
     # On a native build the rootfs sha256 is still being finished on its thread: it is collected last.
@@ -271,7 +346,8 @@ def _build_in(
                     "root_reason": layout.root_reason,
                     "boot": layout.boot.name if layout.boot else None,
                     "boot_reason": layout.boot_reason,
-                }
+                },
+                "guest": report.to_dict(),
             },
             base_dir=tmp,
         )
@@ -285,19 +361,65 @@ def _build_in(
         raise
 
 
-def _guestfs(layout: Layout, work: Work, edits: Edits, kernel_version: str | None) -> tuple[CopiedBoot, RootOutput]:
+def _check_initrd(boot: CopiedBoot, layout: Layout, work: Work) -> InitrdReport:
+    """Read the initrd copied out, with the kernel's config: refuse one that cannot boot from any disk."""
+    from vmtool.image import initrd as initrdmod
+
+    root = layout.root
+    assert root is not None
+    config = work.tmp / f".config-{boot.kernel.version}"
+    try:
+        config_text = config.read_text(errors="replace") if config.exists() else None
+        data = boot.initrd_path.read_bytes()
+    except OSError as e:
+        raise os_error(e, "reading the initrd") from None
+    finally:
+        config.unlink(missing_ok=True)
+    what = f"initrd {boot.kernel.initrd_real}"
+    try:
+        report = initrdmod.check(data, config_text, root.fstype, what=what)
+    except initrdmod.InitrdError as e:
+        raise initrdmod.InitrdError(
+            e.message, hint=f"{e.hint}; or build with --no-initrd-check to boot it from virtio unchecked"
+        ) from None
+    fix = initrdmod.fix_hint(report.generator)
+    if not report.buses:
+        missing = ", ".join(d for d, s in report.drivers.items() if s == "missing")
+        raise initrdmod.InitrdError(
+            f"{what} cannot boot from any disk vmtool offers: {missing} neither built into kernel "
+            f"{boot.kernel.version} nor in the initrd",
+            hint=fix,
+        )
+    for w in report.warnings:
+        log.warning("%s: %s (to fix: %s)", what, w, fix)
+    return report
+
+
+def _guestfs(
+    layout: Layout, work: Work, edits: Edits, kernel_version: str | None
+) -> tuple[CopiedBoot, RootOutput, GuestReport]:
     from vmtool.image import guestfs_backend  # lazy: needs the guestfs binding
+
+    reports: list[GuestReport] = []
+
+    def prepare(
+        tree: GuestTree, existing: Callable[[str], bytes | None]
+    ) -> tuple[dict[str, tuple[bytes, int]], dict[str, str], dict[str, bytes]]:
+        done, report = guest_edits(edits, tree, None, existing)
+        reports.append(report)
+        return dict(done.files), dict(done.symlinks), dict(done.xattrs)
 
     kernel, kpath, ipath, fstab_before, fstab_after = guestfs_backend.build(
         layout,
         work.rootfs,
         work.tmp,
+        config_dir=work.tmp,
         label=edits.label,
         ssh_keys=edits.ssh_keys,
-        files=dict(edits.files),
+        prepare=prepare,
         kernel_version=kernel_version,
     )
-    return CopiedBoot(kernel, kpath, ipath), RootOutput(fstab_before, fstab_after)
+    return CopiedBoot(kernel, kpath, ipath), RootOutput(fstab_before, fstab_after), reports[0]
 
 
 def _fsync(*paths: Path) -> None:
@@ -331,21 +453,39 @@ def _fs_identity(rootfs: Path) -> tuple[str, str]:
 
 
 def _native(
-    layout: Layout, work: Work, edits: Edits, kernel_version: str | None, materialized: dict[str, Path]
-) -> tuple[CopiedBoot, RootOutput]:
-    """The native backend: the kernel and initrd are copied out (and hashed) on a thread while the
-    root volume is copied and changed on this one, itself hashed on a third as it is written."""
+    layout: Layout,
+    work: Work,
+    edits: Edits,
+    kernel_version: str | None,
+    materialized: dict[str, Path],
+    *,
+    initrd_check: bool,
+) -> tuple[CopiedBoot, RootOutput, GuestReport]:
+    """The native backend: the kernel and initrd are copied out (and hashed, and the initrd checked)
+    on a thread while the root volume is copied and changed on this one, itself hashed on a third as
+    it is written."""
     # Pick the kernel before the long copy, so a disk without one fails fast.
     kernel = choose_kernel(layout.kernels, kernel_version)
     assert kernel is not None and kernel.initrd_real is not None
     guest = _locate(layout, work, materialized)
+    tree = guest_tree(guest.root, guest.boot)
+    root_fs = guest.root
+
+    def existing(path: str) -> bytes | None:
+        return root_fs.get_xattr(path, "security.selinux")
+
+    edits, report = guest_edits(edits, tree, layout.init, existing)
+    _copy_config(tree, kernel.version, work.tmp)
     boot = CopiedBoot(kernel, work.tmp / f"vmlinuz-{kernel.version}", work.tmp / f"initrd.img-{kernel.version}")
     boot_sha: list[str] = []
     dump_errors: list[BaseException] = []
+    checked: list[InitrdReport] = []
 
     def copy_boot() -> None:
         try:
             boot_sha.extend(_copy_boot_files(guest, boot))
+            if initrd_check:
+                checked.append(_check_initrd(boot, layout, work))
         except BaseException as e:  # re-raised below, in the main thread
             dump_errors.append(e)
 
@@ -361,7 +501,22 @@ def _native(
         if isinstance(dump_errors[0], OSError):
             raise os_error(dump_errors[0], "copying the kernel") from None
         raise dump_errors[0]
-    return replace(boot, sha256=(boot_sha[0], boot_sha[1])), out
+    if checked:
+        report = replace(report, initrd=checked[0])
+    return replace(boot, sha256=(boot_sha[0], boot_sha[1])), out, report
+
+
+def _copy_config(tree: GuestTree, version: str, tmp: Path) -> None:
+    """/boot/config-<version> out of the guest (for the initrd check), when it has one."""
+    try:
+        real = tree.resolve(f"/boot/config-{version}")
+        data = tree.read_file(real, 16 << 20)
+    except ImageError:
+        return
+    try:
+        (tmp / f".config-{version}").write_bytes(data)
+    except OSError as e:
+        raise os_error(e, f"copying /boot/config-{version} out of the guest") from None
 
 
 def _locate(layout: Layout, work: Work, materialized: dict[str, Path]) -> GuestFilesystems:
@@ -412,19 +567,28 @@ def _root_volume(layout: Layout, work: Work, edits: Edits, guest: GuestFilesyste
         files[AUTHORIZED_KEYS] = (_existing_keys(guest.root) + edits.ssh_keys, 0o600)
     files.update(edits.files)
     rootfs = work.rootfs
+    links = dict(edits.symlinks)
+    xattrs = dict(edits.xattrs)
     if not guest.root_copied:
-        digest = _overlay_build(work.raw, root, rootfs, work.tmp, files, edits.label)
+        digest = _overlay_build(work.raw, root, rootfs, work.tmp, files, edits.label, links, xattrs)
         if digest is not None:
             return RootOutput(before, after, digest)
         extract(work.raw, root.pieces, rootfs, label=f"extracting {root.name}")
     ExtFs(rootfs, name=f"root filesystem ({root.name})").write_files(
-        files, workdir=rootfs.parent, label=edits.label
+        files, workdir=rootfs.parent, label=edits.label, symlinks=links, xattrs=xattrs
     )
     return RootOutput(before, after)
 
 
 def _overlay_build(
-    raw: Path, root: Volume, rootfs: Path, tmp: Path, files: dict[str, tuple[bytes, int]], label: str
+    raw: Path,
+    root: Volume,
+    rootfs: Path,
+    tmp: Path,
+    files: dict[str, tuple[bytes, int]],
+    label: str,
+    links: dict[str, str],
+    xattrs: dict[str, bytes],
 ) -> PendingDigest | None:
     """One pass over the root volume: changes made first on an `e2image -r` metadata copy, then the
     volume copied with the changed blocks laid over it and hashed as it is written. None: not possible
@@ -449,7 +613,9 @@ def _overlay_build(
         meta0.unlink(missing_ok=True)
         return None
     try:
-        ExtFs(meta, name=f"root filesystem ({root.name})").write_files(files, workdir=tmp, label=label)
+        ExtFs(meta, name=f"root filesystem ({root.name})").write_files(
+            files, workdir=tmp, label=label, symlinks=links, xattrs=xattrs
+        )
         # e2image writes whole host blocks, so its data ranges also cover unrelated filesystem blocks
         # (as zeros): only the blocks the changes really touched are laid over the source.
         changed = changed_ranges(meta0, meta, block)
@@ -463,6 +629,11 @@ def _overlay_build(
         out = ExtFs(rootfs, name="the new root filesystem")
         for gpath, (content, _mode) in files.items():
             if out.cat(gpath) != content:
+                raise ImageError(
+                    f"{gpath} did not survive the copy of the root filesystem", hint="report this bug"
+                )
+        for gpath, target in links.items():
+            if out.readlink(gpath) != target:
                 raise ImageError(
                     f"{gpath} did not survive the copy of the root filesystem", hint="report this bug"
                 )

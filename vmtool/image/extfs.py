@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from vmtool.errors import CommandError, ImageError
+from vmtool.fsutil import os_error
 from vmtool.run import run
 
 # 'ls -p' lines: /inode/mode/uid/gid/name/size/
@@ -144,9 +146,16 @@ class ExtFs:
                 )
 
     def write_files(
-        self, files: dict[str, tuple[bytes, int]], *, workdir: Path, label: str | None = None
+        self,
+        files: dict[str, tuple[bytes, int]],
+        *,
+        workdir: Path,
+        label: str | None = None,
+        symlinks: Mapping[str, str] | None = None,
+        xattrs: Mapping[str, bytes] | None = None,
     ) -> None:
-        """Create or replace regular files (guest path -> (content, mode)), owned by root.
+        """Create or replace regular files (guest path -> (content, mode)) and symlinks (guest path ->
+        target), owned by root; xattrs: guest path -> security.selinux label to set on it.
 
         Missing parent directories are created (0755, or 0700 for .ssh). An existing entry at the path
         (a file or a symlink) is removed first, so a hostile symlink is replaced, never written through.
@@ -159,7 +168,10 @@ class ExtFs:
                 parent = parent or "/"
                 cmds.extend(self._mkdirs(parent))
                 host = Path(td) / f"f{n}"
-                host.write_bytes(content)
+                try:
+                    host.write_bytes(content)
+                except OSError as e:
+                    raise os_error(e, f"staging {norm} to write into {self.name}") from None
                 st = self.lstat(norm)
                 if st is not None:
                     if st[1] & S_IFMT == S_IFDIR:
@@ -173,6 +185,28 @@ class ExtFs:
                 cmds.append(f'sif "{_q(name)}" uid 0')
                 cmds.append(f'sif "{_q(name)}" gid 0')
                 cmds.append('cd "/"')
+            for gpath, target in sorted((symlinks or {}).items()):
+                norm = _normalise(gpath)
+                parent, _, name = norm.rpartition("/")
+                parent = parent or "/"
+                cmds.extend(self._mkdirs(parent))
+                st = self.lstat(norm)
+                if st is not None:
+                    if st[1] & S_IFMT == S_IFDIR:
+                        raise ImageError(
+                            f"{norm} is a directory in the image", hint="remove it from the image first"
+                        )
+                    cmds.append(f'rm "{_q(norm)}"')
+                cmds.append(f'cd "{_q(parent)}"')
+                cmds.append(f'symlink "{_q(name)}" "{_q(target)}"')
+                cmds.append('cd "/"')
+            for n, (gpath, value) in enumerate(sorted((xattrs or {}).items())):
+                vfile = Path(td) / f"x{n}"
+                try:
+                    vfile.write_bytes(value)
+                except OSError as e:
+                    raise os_error(e, f"staging the SELinux label of {gpath}") from None
+                cmds.append(f'ea_set -f "{_q(os.fspath(vfile))}" "{_q(_normalise(gpath))}" security.selinux')
             if label is not None:
                 cmds.append(f'ssv volume_name "{_q(label)}"')
             self._cache.clear()
@@ -196,6 +230,10 @@ class ExtFs:
                     raise ImageError(
                         f"cannot write {norm} into {self.name}" + (f": {detail}" if detail else "")
                     )
+            for gpath, target in (symlinks or {}).items():
+                norm = _normalise(gpath)
+                if self.readlink(norm) != target:
+                    raise ImageError(f"cannot make the symlink {norm} in {self.name}")
 
     def _mkdirs(self, parent: str) -> list[str]:
         cmds = []
@@ -215,6 +253,15 @@ class ExtFs:
                     hint="vmtool does not write through symlinks in the image",
                 )
         return cmds
+
+    def get_xattr(self, path: str, name: str) -> bytes | None:
+        """The value of extended attribute `name` of `path` (not following a final symlink), or None."""
+        if self.lstat(path) is None:
+            return None
+        with tempfile.TemporaryDirectory(prefix=".vmtool-xattr-") as td:
+            out = Path(td) / "v"
+            self._debugfs(f'ea_get -f "{_q(os.fspath(out))}" "{_q(path)}" {name}')
+            return out.read_bytes() if out.exists() else None
 
     def set_label(self, label: str) -> None:
         self._cache.clear()

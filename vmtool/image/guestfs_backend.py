@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,30 +148,33 @@ def _norm(path: str) -> str:
     return "/" + "/".join(parts)
 
 
-def _write(g: Any, files: dict[str, tuple[bytes, int]]) -> None:
+def _write_dirs(g: Any, norm: str) -> None:
+    """Make the missing parent directories of `norm`, refusing symlinks on the way."""
     r = GuestfsReader(g, "root filesystem")
+    cur = ""
+    for comp in norm.split("/")[1:-1]:
+        cur += "/" + comp
+        st = r.lstat(cur)
+        if st is None:
+            g.mkdir(cur)
+            g.chmod(0o700 if comp == ".ssh" else 0o755, cur)
+            g.chown(0, 0, cur)
+        elif st[1] & S_IFMT != S_IFDIR:
+            raise ImageError(
+                f"{cur} in the image is not a directory (a symlink or a file)",
+                hint="vmtool does not write through symlinks in the image",
+            )
+    st = r.lstat(norm)
+    if st is not None:
+        if st[1] & S_IFMT == S_IFDIR:
+            raise ImageError(f"{norm} is a directory in the image", hint="remove it from the image first")
+        g.rm(norm)
+
+
+def _write(g: Any, files: dict[str, tuple[bytes, int]]) -> None:
     for gpath, (content, mode) in sorted(files.items()):
         norm = _norm(gpath)
-        cur = ""
-        for comp in norm.split("/")[1:-1]:
-            cur += "/" + comp
-            st = r.lstat(cur)
-            if st is None:
-                g.mkdir(cur)
-                g.chmod(0o700 if comp == ".ssh" else 0o755, cur)
-                g.chown(0, 0, cur)
-            elif st[1] & S_IFMT != S_IFDIR:
-                raise ImageError(
-                    f"{cur} in the image is not a directory (a symlink or a file)",
-                    hint="vmtool does not write through symlinks in the image",
-                )
-        st = r.lstat(norm)
-        if st is not None:
-            if st[1] & S_IFMT == S_IFDIR:
-                raise ImageError(
-                    f"{norm} is a directory in the image", hint="remove it from the image first"
-                )
-            g.rm(norm)
+        _write_dirs(g, norm)
         g.write(norm, content)
         g.chmod(mode & 0o7777, norm)
         g.chown(0, 0, norm)
@@ -183,9 +187,15 @@ def build(
     *,
     label: str,
     ssh_keys: bytes,
-    files: dict[str, tuple[bytes, int]],
+    prepare: Callable[
+        [GuestTree, Callable[[str], bytes | None]],
+        tuple[dict[str, tuple[bytes, int]], dict[str, str], dict[str, bytes]],
+    ],
     kernel_version: str | None,
+    config_dir: Path | None = None,
 ) -> tuple[Kernel, Path, Path, str | None, str]:
+    """prepare(tree, existing_label): the files, symlinks and SELinux labels to write, decided once the
+    guest's tree can be read."""
     root = layout.root
     assert root is not None
     if root.unsupported:
@@ -238,8 +248,27 @@ def build(
             except ImageError:
                 pass
             all_files[AUTHORIZED_KEYS] = (existing + ssh_keys, 0o600)
+        def old_label(path: str) -> bytes | None:
+            if reader.lstat(path) is None:
+                return None
+            try:
+                for x in g.lgetxattrs(path):
+                    if x["attrname"] == "security.selinux":
+                        v = x["attrval"]
+                        return v if isinstance(v, bytes) else str(v).encode()
+            except RuntimeError:
+                return None
+            return None
+
+        files, links, xattrs = prepare(tree, old_label)
         all_files.update(files)
         _write(g, all_files)
+        for gpath, target in sorted(links.items()):
+            norm = _norm(gpath)
+            _write_dirs(g, norm)
+            g.ln_sf(target, norm)
+        for gpath, value in sorted(xattrs.items()):
+            g.lsetxattr("security.selinux", value, len(value), _norm(gpath))
         if layout.boot is not None:
             g.mount_ro(_device(g, layout.boot), "/boot")
         kernel = choose_kernel(list_kernels(tree), kernel_version)
@@ -248,6 +277,9 @@ def build(
         ipath = tmp / f"initrd.img-{kernel.version}"
         g.download(kernel.real, os.fspath(kpath))
         g.download(kernel.initrd_real, os.fspath(ipath))
+        config = f"/boot/config-{kernel.version}"
+        if config_dir is not None and g.is_file(config, followsymlinks=True):
+            g.download(config, os.fspath(config_dir / f".config-{kernel.version}"))
         os.chmod(kpath, 0o644)
         os.chmod(ipath, 0o644)
         g.umount_all()

@@ -21,6 +21,8 @@ MAX_LINKS = 40
 class FsReader(Protocol):
     name: str
 
+    def read(self, path: str) -> bytes: ...
+
     def lstat(self, path: str) -> tuple[int, int, int] | None: ...
 
     def readlink(self, path: str) -> str: ...
@@ -104,3 +106,13 @@ class GuestTree:
         real = self.resolve(path)
         fs, rel, _ = self._fs_for(real)
         return fs.listdir(rel)
+
+    def read_file(self, path: str, limit: int) -> bytes:
+        """At most `limit` bytes of a regular file at a resolved guest path."""
+        fs, rel, _ = self._fs_for(path)
+        st = fs.lstat(rel)
+        if st is None or st[1] & S_IFMT != S_IFREG:
+            raise ImageError(f"{path} is not a regular file in the guest")
+        if st[2] > limit:
+            raise ImageError(f"{path} in the guest is larger than {limit} bytes", hint="the image is unusual")
+        return fs.read(rel)

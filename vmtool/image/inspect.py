@@ -17,10 +17,11 @@ from typing import Any
 
 from vmtool.errors import ImageError
 from vmtool.image import fstab as fstabmod
-from vmtool.image import lvm
+from vmtool.image import initsys, lvm
 from vmtool.image.extfs import ExtFs
 from vmtool.image.fs import FsInfo, probe
 from vmtool.image.guesttree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, FsReader, GuestTree, SymlinkOutside
+from vmtool.image.initsys import InitSystem
 from vmtool.image.kernels import version_key
 from vmtool.image.partitions import Partition, PartitionTable, read_table
 from vmtool.image.source import Source
@@ -129,6 +130,7 @@ class Layout:
     kernels_note: str = ""
     notes: list[str] = field(default_factory=list)
     readers: dict[str, ExtFs] = field(default_factory=dict)  # volume name -> reader, reused by build
+    init: InitSystem | None = None  # None: not read natively (the guestfs backend reads it)
 
     def to_dict(self) -> dict[str, Any]:
         newest = choose_kernel(self.kernels, None, strict=False) if self.kernels else None
@@ -149,6 +151,7 @@ class Layout:
             "kernels": [k.to_dict() for k in self.kernels],
             "kernels_note": self.kernels_note or None,
             "newest_kernel": newest.version if newest else None,
+            "init": self.init.to_dict() if self.init else None,
             "notes": self.notes,
         }
 
@@ -485,6 +488,7 @@ def inspect_disk(
     if root_fs is not None:
         layout.fstab = read_fstab(guest_tree(root_fs, None))
         layout.fstab_read = True
+        layout.init = initsys.detect(guest_tree(root_fs, None))
     else:
         layout.notes.append(
             f"the root filesystem is {layout.root.fstype}: its files are read by the guestfs backend"

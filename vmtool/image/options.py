@@ -61,6 +61,7 @@ class BuildOptions:
     agent: AgentMode | None = None
     disk: bool = False
     disk_format: ImageFormat = ImageFormat.RAW
+    initrd_check: bool = True  # read the initrd to learn which disk buses it can boot from
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:

@@ -1,7 +1,7 @@
 #!/bin/sh
 # vmtool guest agent @VERSION@: runs work items handed over by `vmtool queue work`.
 #
-# POSIX sh for busybox ash. Installed by `vmtool build --agent` as /usr/lib/vmtool/agent.sh and started at
+# POSIX sh: busybox ash, or dash with coreutils and mawk. Installed by `vmtool build --agent` as /usr/lib/vmtool/agent.sh and started at
 # boot by /etc/vmtool/rc.d/50-vmtool-agent. It serves items until the host says STOP (or the host has been
 # silent for VMTOOL_AGENT_GRACE seconds), then returns so the image's init powers the VM off.
 #
@@ -42,6 +42,17 @@ find_port() {
 }
 
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
+
+# read_line SECONDS: one line from the host (fd 3) into $line, failing after SECONDS. busybox ash and
+# bash have `read -t`; dash (Debian's /bin/sh) has not, so there a child sh reads it under timeout(1).
+if (echo x | { read -r -t 1 _; }) 2> /dev/null; then
+	read_line() { IFS= read -r -t "$1" line <&3; }
+else
+	read_line() {
+		line=$(timeout "$1" sh -c 'IFS= read -r l <&3 && printf "%s." "$l"') || { line=""; return 1; }
+		line="${line%.}"
+	}
+fi
 
 say() { printf '%s\n' "$*" >&3; }
 
@@ -547,7 +558,7 @@ line=""
 waited=0
 while [ -z "$line" ]; do
 	say "HELLO vmtool-agent $V $MODE"
-	IFS= read -r -t 2 line <&3 || { sleep 1; line=""; }
+	read_line 2 || { sleep 1; line=""; }
 	waited=$((waited + 3))
 	if [ "$waited" -gt "$GRACE" ]; then
 		log "no host on $DEV after ${GRACE}s"
@@ -560,7 +571,7 @@ tick=10
 [ "$GRACE" -lt "$tick" ] && tick="$GRACE"
 while :; do
 	if [ -z "$line" ]; then
-		if ! IFS= read -r -t "$tick" line <&3; then
+		if ! read_line "$tick"; then
 			line=""
 			silent=$((silent + tick))
 			if [ "$silent" -ge "$GRACE" ]; then

@@ -1,10 +1,11 @@
-"""Recipe for the embedded default image: a busybox root filesystem that boots the host's Debian kernel.
+"""The tree of the embedded default guest (images/default.toml): a busybox root that boots the host's
+Debian kernel.
 
 Used by `make demo`, `vmtool demo` and the tests. The root tree is made without root privileges or
 mounts (mke2fs -d). The guest's /sbin/init mounts the pseudo filesystems, loads the virtio modules the
 Debian initrd does not load (virtio_console for virtio-serial channels), runs every executable in
 /etc/vmtool/rc.d in order, then powers off. Whole-disk layouts (GPT, /boot, LVM) are made from this
-tree by vmtool.images.disk.
+tree by vmtool.recipe.disk.
 """
 
 from __future__ import annotations
@@ -98,9 +99,3 @@ def make_rootfs_tree(
             p.write_bytes(content)
         else:
             p.write_text(content)
-
-
-def make_ext4_image(tree: Path, image: Path, *, label: str = "root", size_mib: int = 64) -> Path:
-    """An ext4 filesystem image of `tree`, made without mounting (mke2fs -d)."""
-    run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", label, "-d", os.fspath(tree), os.fspath(image), f"{size_mib}M"])
-    return image

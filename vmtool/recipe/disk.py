@@ -1,4 +1,4 @@
-"""Whole-disk images made the way installers lay them out, for tests, the benchmark and the demo.
+"""Whole-disk images laid out the way installers do it: the disk half of `vmtool image create`.
 
 Made without mounting anything: partition tables with sfdisk on the image file, filesystems as separate
 files (mke2fs -d, mkfs.xfs -p protofile, mkswap) copied in at their offsets. LVM metadata is written by
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 import uuid as uuidlib
 from collections.abc import Iterator, Sequence
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from vmtool.errors import VmtoolError
-from vmtool.images.default import make_rootfs_tree
 from vmtool.launch.host import newest_host_kernel
 from vmtool.run import run
 
@@ -34,9 +34,6 @@ GPT_TYPES = {
     "xbootldr": "BC13C2FF-59E6-4262-A352-B275FD6F7172",
 }
 MBR_TYPES = {"linux": "83", "lvm": "8e", "swap": "82", "xbootldr": "ea"}
-
-# Fake older kernels: version order must pick the real one (6.1.0-56 > 6.1.0-9, though "9" > "5" lexically).
-DECOY_VERSIONS = ("6.1.0-9-amd64", "5.10.0-28-amd64")
 
 LVM_CONFIG = (
     "devices{use_devicesfile=0 obtain_device_list_from_udev=0 scan_lvs=0} backup{backup=0 archive=0} "
@@ -91,15 +88,22 @@ def _xfs_protofile(tree: Path, proto: Path) -> None:
         for entry in sorted(d.iterdir(), key=lambda p: p.name):
             ind = " " * depth
             st = entry.lstat()
-            perm = f"{st.st_mode & 0o777:03o}"
+            # type, setuid, setgid, permissions, owner: a distribution tree keeps its owners and su bits
+            su = ("u" if st.st_mode & 0o4000 else "-") + ("g" if st.st_mode & 0o2000 else "-")
+            perm = f"{su}{st.st_mode & 0o777:03o} {st.st_uid} {st.st_gid}"
             if entry.is_symlink():
-                lines.append(f"{ind}{entry.name} l--{perm} 0 0 {os.readlink(entry)}")
+                lines.append(f"{ind}{entry.name} l{perm} {os.readlink(entry)}")
             elif entry.is_dir():
-                lines.append(f"{ind}{entry.name} d--{perm} 0 0")
+                lines.append(f"{ind}{entry.name} d{perm}")
                 walk(entry, depth + 1)
                 lines.append(f"{ind}$")
             elif entry.is_file():
-                lines.append(f"{ind}{entry.name} ---{perm} 0 0 {entry}")
+                lines.append(f"{ind}{entry.name} -{perm} {entry}")
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                kind = "c" if stat.S_ISCHR(st.st_mode) else "b"
+                lines.append(f"{ind}{entry.name} {kind}{perm} {os.major(st.st_rdev)} {os.minor(st.st_rdev)}")
+            elif stat.S_ISFIFO(st.st_mode):
+                lines.append(f"{ind}{entry.name} p{perm}")
 
     walk(tree, 1)
     lines.append("$")
@@ -250,8 +254,13 @@ def _lvm_uuid() -> str:
     return "-".join(out)
 
 
+def _mapper(vg: str, lv: str) -> str:
+    """The /dev/mapper name of an LV: dashes inside either name are doubled (debian--vg-root)."""
+    return f"/dev/mapper/{vg.replace('-', '--')}-{lv.replace('-', '--')}"
+
+
 def _fstab(style: str, *, root: str, fstype: str, facts: dict[str, Any]) -> str:
-    lines = ["# /etc/fstab: static file system information (made by vmtool.images.disk)", "#"]
+    lines = ["# /etc/fstab: static file system information (made by vmtool image create)", "#"]
     r = facts["root"]
     if style == "uuid":
         lines.append(f"UUID={r['uuid']}\t/\t{fstype}\tdefaults\t1 1")
@@ -259,17 +268,17 @@ def _fstab(style: str, *, root: str, fstype: str, facts: dict[str, Any]) -> str:
         lines.append(f"LABEL={r['label']}\t/\t{fstype}\tdefaults\t1 1")
     elif style == "mapper":
         if root == "lvm":
-            lines.append(f"/dev/mapper/{facts['vg']}-lv_root\t/\t{fstype}\tdefaults\t1 1")
+            lines.append(f"{_mapper(facts['vg'], facts['lv_root'])}\t/\t{fstype}\tdefaults\t1 1")
         else:
             lines.append(f"/dev/vda{r['partition']}\t/\t{fstype}\tdefaults\t1 1")
     b = facts.get("boot_fs")
     if b:
         spec = f"LABEL={b['label']}" if style == "label" else f"UUID={b['uuid']}"
-        lines.append(f"{spec}\t/boot\text4\tdefaults\t1 2")
+        lines.append(f"{spec}\t/boot\t{b['fstype']}\tdefaults\t1 2")
     s = facts.get("swap")
     if s:
         if style == "mapper" and root == "lvm":
-            spec = f"/dev/mapper/{facts['vg']}-lv_swap"
+            spec = _mapper(facts["vg"], facts["lv_swap"])
         elif style == "label":
             spec = f"LABEL={s['label']}"
         else:
@@ -290,27 +299,34 @@ def make_whole_disk(
     fstype: str = "ext4",
     fstab_style: str = "uuid",
     kernels: Sequence[tuple[Path, Path, str]] | None = None,
-    decoys: bool = True,
     fmt: str = "raw",
     size_mib: int | None = None,
     swap_lv_first: bool = True,
     root_label: str = "rootfs",
     vg: str = "vg0",
+    lv_root: str = "lv_root",
+    lv_swap: str = "lv_swap",
+    swap_mib: int = 8,
+    boot_fstype: str = "ext4",
     split_root: bool = False,
     fstab: bool = True,
     boot_files: dict[str, bytes | str] | None = None,
     boot_symlinks: dict[str, str] | None = None,
     root_size_mib: int | None = None,
     root_symlinks: dict[str, str] | None = None,
+    consume_tree: bool = False,
 ) -> dict[str, Any]:
     """Make a whole-disk image of `tree` laid out as an installer would, and return its layout facts.
 
     table: gpt | mbr (MBR puts the root/LVM partition in an extended partition, as a logical one).
-    boot: partition (a separate ext4 /boot) | dir (kernels in the root filesystem's /boot).
-    root: partition | lvm (VG `vg` with lv_swap before lv_root unless swap_lv_first=False;
-    split_root=True splits lv_root into two segments around lv_swap).
+    kernels: (kernel, initrd, version) copied into /boot; default: the host's newest. What the tree's
+    own /boot holds (a distribution's kernels) goes into the /boot partition as well.
+    boot: partition (a separate /boot of boot_fstype) | dir (kernels in the root filesystem's /boot).
+    root: partition | lvm (VG `vg` with the swap LV before the root LV unless swap_lv_first=False;
+    split_root=True splits the root LV into two segments around the swap LV).
     boot_files / boot_symlinks: extra entries put into the /boot filesystem (name -> content / target).
     root_symlinks: symlinks put into the root filesystem (path -> target), replacing what is there.
+    consume_tree: move `tree` in and change it (it must be on the same filesystem as `out`).
     """
     out = Path(out)
     kernels = list(kernels) if kernels is not None else [newest_host_kernel()]
@@ -321,28 +337,31 @@ def make_whole_disk(
         "fstype": fstype,
         "fstab_style": fstab_style,
         "vg": vg if root == "lvm" else None,
+        "lv_root": lv_root,
+        "lv_swap": lv_swap,
     }
     with tempfile.TemporaryDirectory(prefix="vmtool-disk-", dir=out.parent) as tmps:
         tmp = Path(tmps)
         rtree = tmp / "root"
-        shutil.copytree(tree, rtree, symlinks=True, copy_function=os.link)
+        if consume_tree:  # the caller's tree is changed in place (owners and xattrs stay as they are)
+            os.replace(tree, rtree)
+        else:
+            shutil.copytree(tree, rtree, symlinks=True, copy_function=os.link)
         btree = tmp / "boot"
         btree.mkdir()
         kdir = btree if boot == "partition" else rtree / "boot"
         kdir.mkdir(exist_ok=True)
+        if boot == "partition" and (rtree / "boot").is_dir():
+            # A distribution's kernels move to the /boot filesystem; /boot stays as the mount point.
+            for entry in (rtree / "boot").iterdir():
+                os.replace(entry, btree / entry.name)
         versions = []
         for k, i, ver in kernels:
             shutil.copyfile(k, kdir / f"vmlinuz-{ver}")
             shutil.copyfile(i, kdir / f"initrd.img-{ver}")
+            if (k.parent / f"config-{ver}").is_file():  # the initrd check reads it
+                shutil.copyfile(k.parent / f"config-{ver}", kdir / f"config-{ver}")
             versions.append(ver)
-        decoy_versions = list(DECOY_VERSIONS) if decoys else []
-        for ver in decoy_versions:
-            (kdir / f"vmlinuz-{ver}").write_bytes(b"decoy kernel " + ver.encode() + b"\n")
-            (kdir / f"initrd.img-{ver}").write_bytes(b"decoy initrd " + ver.encode() + b"\n")
-            (kdir / f"config-{ver}").write_text("# decoy\n")
-        if decoys and versions:
-            (kdir / "vmlinuz").symlink_to(f"vmlinuz-{versions[0]}")
-            (kdir / "vmlinuz.old").symlink_to(f"vmlinuz-{decoy_versions[0]}")
         for name, content in (boot_files or {}).items():
             bf = kdir / name
             if isinstance(content, bytes):
@@ -352,18 +371,16 @@ def make_whole_disk(
         for name, target in (boot_symlinks or {}).items():
             (kdir / name).symlink_to(target)
         facts["kernels"] = versions
-        facts["decoys"] = decoy_versions
 
         facts["root"] = {"uuid": _uuid(), "label": root_label}
         if boot == "partition":
-            facts["boot_fs"] = {"uuid": _uuid(), "label": "boot"}
+            facts["boot_fs"] = {"uuid": _uuid(), "label": "boot", "fstype": boot_fstype}
         if root == "lvm":
             facts["swap"] = {"uuid": _uuid(), "label": "swap"}
 
         # Partition plan (MiB): [boot] then root or LVM.
         root_mib = root_size_mib or _fs_size_mib(fstype, _tree_size(rtree), 64)
-        boot_mib = _fs_size_mib("ext4", _tree_size(btree), 32) if boot == "partition" else 0
-        swap_mib = 8
+        boot_mib = _fs_size_mib(boot_fstype, _tree_size(btree), 32) if boot == "partition" else 0
         parts: list[dict[str, Any]] = []
         start = 1
         if boot == "partition":
@@ -430,7 +447,7 @@ def make_whole_disk(
         if boot == "partition":
             bimg = tmp / "boot.img"
             make_fs(
-                btree, bimg, fstype="ext4", label="boot", uuid=facts["boot_fs"]["uuid"], size_mib=boot_mib
+                btree, bimg, fstype=boot_fstype, label="boot", uuid=facts["boot_fs"]["uuid"], size_mib=boot_mib
             )
             sparse_copy_into(bimg, img, parts[0]["start_mib"] * MiB)
             bimg.unlink()
@@ -448,7 +465,7 @@ def make_whole_disk(
         else:
             p = parts[-1]
             root_ext = _round_up(root_bytes, EXTENT_MIB * MiB) // (EXTENT_MIB * MiB)
-            swap_ext = swap_mib // EXTENT_MIB
+            swap_ext = max(1, swap_mib // EXTENT_MIB)
             if split_root:
                 first = max(1, root_ext // 2)
                 root_segs = [(0, first), (first + swap_ext, root_ext - first)]
@@ -459,7 +476,7 @@ def make_whole_disk(
             else:
                 root_segs = [(0, root_ext)]
                 swap_segs = [(root_ext, swap_ext)]
-            order = [("lv_swap", swap_segs), ("lv_root", root_segs)]
+            order = [(lv_swap, swap_segs), (lv_root, root_segs)]
             lvm = write_lvm(img, p["start_mib"] * MiB, p["size_mib"] * MiB, vg=vg, lvs=order, workdir=tmp)
             pv_data = p["start_mib"] * MiB + lvm["pe_start"]
             es = lvm["extent_size"]
@@ -477,7 +494,7 @@ def make_whole_disk(
             facts["lvm"] = {
                 "pe_start": lvm["pe_start"],
                 "extent_size": es,
-                "lv_root": root_segs,
+                "lv_root": root_segs,  # the root LV's segments, whatever its name
                 "lv_swap": swap_segs,
                 "partition": p["number"],
             }
@@ -519,29 +536,3 @@ def _split_file(src: Path, sizes: list[int], tmp: Path) -> list[Path]:
             pos += size
             outs.append(piece)
     return outs
-
-
-def make_default_disk(out: str | os.PathLike[str], *, fmt: str = "raw") -> dict[str, Any]:
-    """The installer-style default image for the demo and the tests.
-
-    GPT; an ext4 /boot partition with the host's newest Debian kernel + initrd, decoy older kernels and a
-    `vmlinuz` symlink; an LVM VG `vg0` with lv_swap first and lv_root (ext4, busybox root); an fstab
-    naming root and swap by /dev/mapper path and /boot by UUID, like Anaconda writes it.
-    """
-    out = Path(out)
-    _k, _i, ver = newest_host_kernel()
-    with tempfile.TemporaryDirectory(
-        prefix="vmtool-tree-", dir=out.parent if out.parent.exists() else None
-    ) as t:
-        tree = Path(t) / "tree"
-        make_rootfs_tree(tree, label="rootfs", kernel_version=ver)
-        return make_whole_disk(
-            out,
-            tree=tree,
-            table="gpt",
-            boot="partition",
-            root="lvm",
-            fstype="ext4",
-            fstab_style="mapper",
-            fmt=fmt,
-        )
