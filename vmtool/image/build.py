@@ -36,8 +36,8 @@ from vmtool.image.initrd import InitrdReport
 from vmtool.image.initsys import InitSystem
 from vmtool.image.inspect import (
     EXT_TYPES,
+    DiskLayout,
     Kernel,
-    Layout,
     Volume,
     choose_kernel,
     guest_tree,
@@ -46,7 +46,7 @@ from vmtool.image.inspect import (
     reader_for,
 )
 from vmtool.image.options import DEFAULT_LABEL, Backend, BuildOptions, check_label
-from vmtool.image.source import BackgroundHash, Source, open_source, raw_view
+from vmtool.image.source import BackgroundHash, SourceDisk, open_source, raw_view
 from vmtool.manifest import BootFile, DiskInfo, ImageFormat, Manifest, RootfsInfo, SourceInfo
 from vmtool.queue.agent import AgentMode
 from vmtool.run import run
@@ -207,7 +207,7 @@ def agent_files(mode: AgentMode) -> tuple[dict[str, tuple[bytes, int]], dict[str
     return dict(agentmod.agent_files(mode.value)), {"mode": mode.value, "version": agentmod.AGENT_VERSION}
 
 
-def pick_backend(requested: Backend, layout: Layout) -> tuple[Backend, str]:
+def pick_backend(requested: Backend, layout: DiskLayout) -> tuple[Backend, str]:
     root = layout.root
     assert root is not None
     if requested is Backend.NATIVE:
@@ -258,7 +258,7 @@ def build(opts: BuildOptions) -> BuildResult:
 
 def _build_in(
     opts: BuildOptions,
-    src: Source,
+    src: SourceDisk,
     tmp: Path,
     src_hash: BackgroundHash,
     edits: Edits,
@@ -361,7 +361,7 @@ def _build_in(
         raise
 
 
-def _check_initrd(boot: CopiedBoot, layout: Layout, work: Work) -> InitrdReport:
+def _check_initrd(boot: CopiedBoot, layout: DiskLayout, work: Work) -> InitrdReport:
     """Read the initrd copied out, with the kernel's config: refuse one that cannot boot from any disk."""
     from vmtool.image import initrd as initrdmod
 
@@ -396,7 +396,7 @@ def _check_initrd(boot: CopiedBoot, layout: Layout, work: Work) -> InitrdReport:
 
 
 def _guestfs(
-    layout: Layout, work: Work, edits: Edits, kernel_version: str | None
+    layout: DiskLayout, work: Work, edits: Edits, kernel_version: str | None
 ) -> tuple[CopiedBoot, RootOutput, GuestReport]:
     from vmtool.image import guestfs_backend  # lazy: needs the guestfs binding
 
@@ -453,7 +453,7 @@ def _fs_identity(rootfs: Path) -> tuple[str, str]:
 
 
 def _native(
-    layout: Layout,
+    layout: DiskLayout,
     work: Work,
     edits: Edits,
     kernel_version: str | None,
@@ -519,7 +519,7 @@ def _copy_config(tree: GuestTree, version: str, tmp: Path) -> None:
         raise os_error(e, f"copying /boot/config-{version} out of the guest") from None
 
 
-def _locate(layout: Layout, work: Work, materialized: dict[str, Path]) -> GuestFilesystems:
+def _locate(layout: DiskLayout, work: Work, materialized: dict[str, Path]) -> GuestFilesystems:
     """The root and /boot filesystems, with the readers inspection already used. A root volume that
     was copied out to be inspected becomes the output rootfs itself (taken out of `materialized`)."""
     root = layout.root
@@ -556,7 +556,7 @@ def _copy_boot_files(guest: GuestFilesystems, boot: CopiedBoot) -> tuple[str, st
     )
 
 
-def _root_volume(layout: Layout, work: Work, edits: Edits, guest: GuestFilesystems) -> RootOutput:
+def _root_volume(layout: DiskLayout, work: Work, edits: Edits, guest: GuestFilesystems) -> RootOutput:
     """Copy and change the root filesystem; its sha256 comes back pending if it was hashed on the way."""
     root = layout.root
     assert root is not None

@@ -21,7 +21,15 @@ from typing import Any
 from vmtool.errors import CommandError, ImageError, VmtoolError
 from vmtool.image import fstab as fstabmod
 from vmtool.image.guesttree import S_IFDIR, S_IFMT, GuestTree
-from vmtool.image.inspect import Kernel, Layout, Volume, choose_kernel, find_boot, list_kernels, read_fstab
+from vmtool.image.inspect import (
+    DiskLayout,
+    Kernel,
+    Volume,
+    choose_kernel,
+    find_boot,
+    list_kernels,
+    read_fstab,
+)
 from vmtool.run import DEVNULL, TimeoutExpired, run, spawn
 
 log = logging.getLogger("vmtool.image.guestfs")
@@ -181,7 +189,7 @@ def _write(g: Any, files: dict[str, tuple[bytes, int]]) -> None:
 
 
 def build(
-    layout: Layout,
+    layout: DiskLayout,
     rootfs: Path,
     tmp: Path,
     *,

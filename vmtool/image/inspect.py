@@ -24,7 +24,7 @@ from vmtool.image.guesttree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, FsReader, 
 from vmtool.image.initsys import InitSystem
 from vmtool.image.kernels import version_key
 from vmtool.image.partitions import Partition, PartitionTable, read_table
-from vmtool.image.source import Source
+from vmtool.image.source import SourceDisk
 
 EXT_TYPES = ("ext2", "ext3", "ext4")
 OPAQUE_TYPES = ("xfs", "btrfs")  # filesystems vmtool can recognise but not read natively
@@ -114,8 +114,8 @@ class Kernel:
 
 
 @dataclass
-class Layout:
-    source: Source
+class DiskLayout:
+    source: SourceDisk
     raw: Path
     table: PartitionTable | None
     vgs: list[lvm.VolumeGroup]
@@ -167,7 +167,7 @@ def _lv_aliases(vg: str, lv: str) -> set[str]:
     return {f"/dev/mapper/{mapper}", f"/dev/{vg}/{lv}", f"{vg}/{lv}", mapper}
 
 
-def scan(source: Source, raw: Path) -> Layout:
+def scan(source: SourceDisk, raw: Path) -> DiskLayout:
     """Partitions, LVM and filesystems of the disk in `raw` (no root/boot decision yet)."""
     size = os.path.getsize(raw)
     if source.format == "raw":
@@ -236,7 +236,7 @@ def scan(source: Source, raw: Path) -> Layout:
                 f"its {v.fs.type} filesystem claims {v.fs.size} bytes but the volume holds {v.size}"
                 " (truncated?)"
             )
-    return Layout(source, raw, table, vgs, volumes)
+    return DiskLayout(source, raw, table, vgs, volumes)
 
 
 def _labels(f: Any, volumes: list[Volume]) -> list[lvm.PVLabel]:
@@ -253,7 +253,7 @@ def _labels(f: Any, volumes: list[Volume]) -> list[lvm.PVLabel]:
 Materializer = Callable[[Volume], Path]
 
 
-def reader_for(layout: Layout, v: Volume, materialize: Materializer | None) -> ExtFs | None:
+def reader_for(layout: DiskLayout, v: Volume, materialize: Materializer | None) -> ExtFs | None:
     if v.fstype not in EXT_TYPES or v.unsupported:
         return None
     if v.name in layout.readers:
@@ -277,7 +277,7 @@ def _looks_like_root(fs: ExtFs) -> bool:
     )
 
 
-def find_root(layout: Layout, root_spec: str | None, materialize: Materializer | None) -> None:
+def find_root(layout: DiskLayout, root_spec: str | None, materialize: Materializer | None) -> None:
     """Set layout.root (and its reason), or raise naming the candidates."""
     vols = [v for v in layout.volumes if v.role not in ("pv",)]
     if root_spec:
@@ -349,7 +349,7 @@ def find_root(layout: Layout, root_spec: str | None, materialize: Materializer |
     layout.root.role = "root"
 
 
-def find_boot(layout: Layout, materialize: Materializer | None) -> None:
+def find_boot(layout: DiskLayout, materialize: Materializer | None) -> None:
     """Set layout.boot from the root's fstab, else by fallbacks; None means /boot is a directory in root."""
     entries = fstabmod.parse(layout.fstab) if layout.fstab else []
     for e in entries:
@@ -478,8 +478,8 @@ def read_fstab(tree: GuestTree) -> str | None:
 
 
 def inspect_disk(
-    source: Source, raw: Path, *, root_spec: str | None = None, materialize: Materializer | None = None
-) -> Layout:
+    source: SourceDisk, raw: Path, *, root_spec: str | None = None, materialize: Materializer | None = None
+) -> DiskLayout:
     """Full native inspection: layout, root, fstab, /boot and kernels (where ext filesystems allow)."""
     layout = scan(source, raw)
     find_root(layout, root_spec, materialize)

@@ -21,7 +21,7 @@ _TYPES = {"--": "file", "-d": "dir", "-l": "link", "-c": "chr", "-b": "blk", "-s
 
 
 @dataclass(frozen=True)
-class Policy:
+class SelinuxPolicy:
     mode: str  # enforcing | permissive
     name: str  # SELINUXTYPE (targeted, mls ...)
     contexts: tuple[tuple[re.Pattern[str], str | None, str], ...]  # (path regex, file type, context)
@@ -41,7 +41,7 @@ def _read(tree: TreeReader, path: str) -> bytes | None:
         return None
 
 
-def load_policy(tree: TreeReader) -> Policy | None:
+def load_policy(tree: TreeReader) -> SelinuxPolicy | None:
     """The guest's policy when /etc/selinux/config turns SELinux on; None when it is off or absent."""
     raw = _read(tree, CONFIG)
     if raw is None:
@@ -73,11 +73,11 @@ def load_policy(tree: TreeReader) -> Policy | None:
                 contexts.append((re.compile(rx), ftype, ctx))
             except re.error:
                 continue  # a PCRE construct Python lacks: that line labels nothing vmtool writes
-    return Policy(mode, name, tuple(contexts))
+    return SelinuxPolicy(mode, name, tuple(contexts))
 
 
 def labels(
-    policy: Policy,
+    policy: SelinuxPolicy,
     files: Iterable[str],
     links: Iterable[str],
     existing: Callable[[str], bytes | None],

@@ -25,20 +25,20 @@ SOURCE_POLICY = formats.Policy(qemu_check=True)
 
 
 @dataclass(frozen=True)
-class Source:
+class SourceDisk:
     path: Path
     format: str
     size: int  # virtual size
 
 
-def open_source(path: str | os.PathLike[str], fmt: str | None = None) -> Source:
+def open_source(path: str | os.PathLike[str], fmt: str | None = None) -> SourceDisk:
     p = Path(path)
     info = formats.check(p, fmt, SOURCE_POLICY)
-    return Source(p, info.format, info.virtual_size)
+    return SourceDisk(p, info.format, info.virtual_size)
 
 
 @contextlib.contextmanager
-def raw_view(src: Source, workdir: Path) -> Iterator[Path]:
+def raw_view(src: SourceDisk, workdir: Path) -> Iterator[Path]:
     """A raw file with the disk's bytes: the source itself, or a sparse conversion inside `workdir`."""
     if src.format == "raw":
         yield src.path
