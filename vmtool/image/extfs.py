@@ -164,22 +164,13 @@ class ExtFs:
         with tempfile.TemporaryDirectory(prefix=".vmtool-write-", dir=workdir) as td:
             for n, (gpath, (content, mode)) in enumerate(sorted(files.items())):
                 norm = _normalise(gpath)
-                parent, _, name = norm.rpartition("/")
-                parent = parent or "/"
-                cmds.extend(self._mkdirs(parent))
+                name = norm.rpartition("/")[2]
                 host = Path(td) / f"f{n}"
                 try:
                     host.write_bytes(content)
                 except OSError as e:
                     raise os_error(e, f"staging {norm} to write into {self.name}") from None
-                st = self.lstat(norm)
-                if st is not None:
-                    if st[1] & S_IFMT == S_IFDIR:
-                        raise ImageError(
-                            f"{norm} is a directory in the image", hint="remove it from the image first"
-                        )
-                    cmds.append(f'rm "{_q(norm)}"')
-                cmds.append(f'cd "{_q(parent)}"')
+                cmds.extend(self._make_room(norm))
                 cmds.append(f'write "{_q(os.fspath(host))}" "{_q(name)}"')
                 cmds.append(f'sif "{_q(name)}" mode 0{S_IFREG | (mode & 0o7777):o}')
                 cmds.append(f'sif "{_q(name)}" uid 0')
@@ -187,17 +178,8 @@ class ExtFs:
                 cmds.append('cd "/"')
             for gpath, target in sorted((symlinks or {}).items()):
                 norm = _normalise(gpath)
-                parent, _, name = norm.rpartition("/")
-                parent = parent or "/"
-                cmds.extend(self._mkdirs(parent))
-                st = self.lstat(norm)
-                if st is not None:
-                    if st[1] & S_IFMT == S_IFDIR:
-                        raise ImageError(
-                            f"{norm} is a directory in the image", hint="remove it from the image first"
-                        )
-                    cmds.append(f'rm "{_q(norm)}"')
-                cmds.append(f'cd "{_q(parent)}"')
+                name = norm.rpartition("/")[2]
+                cmds.extend(self._make_room(norm))
                 cmds.append(f'symlink "{_q(name)}" "{_q(target)}"')
                 cmds.append('cd "/"')
             for n, (gpath, value) in enumerate(sorted((xattrs or {}).items())):
@@ -212,7 +194,10 @@ class ExtFs:
             self._cache.clear()
             self._listed.clear()
             script = Path(td) / "cmds"
-            script.write_text("\n".join(cmds) + "\n")
+            try:
+                script.write_text("\n".join(cmds) + "\n")
+            except OSError as e:
+                raise os_error(e, f"staging the changes to {self.name}") from None
             try:
                 p = run(["debugfs", "-w", "-f", os.fspath(script), self.spec], timeout=300)
             except CommandError as e:
@@ -234,6 +219,19 @@ class ExtFs:
                 norm = _normalise(gpath)
                 if self.readlink(norm) != target:
                     raise ImageError(f"cannot make the symlink {norm} in {self.name}")
+
+    def _make_room(self, norm: str) -> list[str]:
+        """debugfs commands that make a new entry's parents, remove a file it replaces (never a
+        directory) and cd into its parent."""
+        parent = norm.rpartition("/")[0] or "/"
+        cmds = self._mkdirs(parent)
+        st = self.lstat(norm)
+        if st is not None:
+            if st[1] & S_IFMT == S_IFDIR:
+                raise ImageError(f"{norm} is a directory in the image", hint="remove it from the image first")
+            cmds.append(f'rm "{_q(norm)}"')
+        cmds.append(f'cd "{_q(parent)}"')
+        return cmds
 
     def _mkdirs(self, parent: str) -> list[str]:
         cmds = []
