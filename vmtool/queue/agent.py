@@ -9,8 +9,8 @@ so the agent only has to return when the host says STOP. Other images need an in
 from __future__ import annotations
 
 from enum import StrEnum
-from importlib import resources
 
+from vmtool.datafiles import data_file
 from vmtool.errors import QueueError
 
 AGENT_VERSION = "2"
@@ -46,7 +46,7 @@ export VMTOOL_AGENT_MODE
 def agent_script(mode: str = "relay") -> str:
     """The agent's sh text with its version and default mode filled in."""
     _check_mode(mode)
-    text = resources.files("vmtool").joinpath("templates/agent.sh").read_text()
+    text = data_file("templates", "agent/agent.sh").read_text()
     return text.replace("@VERSION@", AGENT_VERSION).replace("@MODE@", mode)
 
 
@@ -61,7 +61,7 @@ def agent_files(mode: str = "relay") -> dict[str, tuple[bytes, int]]:
     conf = f"# written by vmtool build --agent\nVMTOOL_AGENT_MODE={mode}\nVMTOOL_AGENT_VERSION={AGENT_VERSION}\n"
     return {
         AGENT_PATH: (agent_script(mode).encode(), 0o755),
-        ITEM_AWK_PATH: (resources.files("vmtool").joinpath("templates/agent-item.awk").read_bytes(), 0o644),
+        ITEM_AWK_PATH: (data_file("templates", "agent/agent-item.awk").read_bytes(), 0o644),
         HOOK_PATH: (HOOK.encode(), 0o755),
         CONF_PATH: (conf.encode(), 0o644),
     }

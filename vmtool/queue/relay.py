@@ -3,7 +3,7 @@
 The port is a unix socket on the host (libvirt binds it; we connect). The guest is hostile: every line
 and the whole answer are size-bounded, names are checked, and anything unexpected ends the conversation
 with RelayError (the worker then treats the VM as failed). The protocol is described in
-vmtool/templates/agent.sh.
+templates/agent/agent.sh.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ MAX_LISTED = MAX_OUTPUTS + 1
 RAW_CHUNK = 1 << 20
 # A guest that takes no input bytes for this long is stuck.
 STALL_S = 120.0
-# The agent protocol this host speaks (vmtool/templates/agent.sh, AGENT_VERSION).
+# The agent protocol this host speaks (templates/agent/agent.sh, AGENT_VERSION).
 PROTOCOL_VERSION = "2"
 PING_EVERY = 5.0
 
