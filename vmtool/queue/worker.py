@@ -433,6 +433,13 @@ class Worker:
             bs.reconnect(deadline=120)
             return None
 
+    def _release_unfinished(self, bs: Beanstalk, job_id: int, item_id: str) -> None:
+        """Give an item back to the queue untouched: the worker is stopping before it finished."""
+        self._retrying(bs, "release", lambda: bs.release(job_id))
+        with self._lock:
+            self.report.released += 1
+        self._event("released", item=item_id)
+
     def _retrying(self, bs: Beanstalk, what: str, fn: Callable[[], Any]) -> Any:
         """Run a queue call, reconnecting (beanstalkd restarted) and retrying for up to 2 minutes."""
         end = time.monotonic() + 120
@@ -527,10 +534,7 @@ class Worker:
             error(describe(e), transfer_s=time.monotonic() - t_fetch)
             return
         except _Terminated:
-            self._retrying(bs, "release", lambda: bs.release(job.id))
-            with self._lock:
-                self.report.released += 1
-            self._event("released", item=item.id)
+            self._release_unfinished(bs, job.id, item.id)
             raise
         fetch_s = time.monotonic() - t_fetch
 
@@ -557,10 +561,7 @@ class Worker:
                         tick=tick,
                     )
             except _Terminated:
-                self._retrying(bs, "release", lambda: bs.release(job.id))
-                with self._lock:
-                    self.report.released += 1
-                self._event("released", item=item.id)
+                self._release_unfinished(bs, job.id, item.id)
                 raise
             except ItemError as e:  # an input pruned from the cache between fetch and send
                 error(describe(e))

@@ -507,6 +507,16 @@ def _drop_part_state(part: Path) -> None:
         sidecar(part).unlink()
 
 
+def _finish(sink: Sink) -> str:
+    """The sink's sha256 once its last bytes are on disk; a full disk is the one no-space error."""
+    try:
+        return sink.finish()
+    except OSError as e:
+        if _no_space(e):
+            raise _space_error() from None
+        raise TransferFailed(f"cannot write the fetched image: {e.strerror or e}") from None
+
+
 def _no_space(e: OSError) -> bool:
     return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -546,12 +556,7 @@ def fetch_to(
         with os.fdopen(fd, "wb") as f:
             sink = make(f)
             fetched = fetch(src, sink)
-            try:
-                sha = sink.finish()
-            except OSError as e:
-                if _no_space(e):
-                    raise _space_error() from None
-                raise TransferFailed(f"cannot write the fetched image: {e.strerror or e}") from None
+            sha = _finish(sink)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             part.unlink()
@@ -705,12 +710,7 @@ class _HttpFetch:
                     self.progress.total = total
                     self.progress.update(done=offset)
                 self._stream(r, sink, route, total)
-            try:
-                sha = sink.finish()
-            except OSError as e:
-                if _no_space(e):
-                    raise _space_error() from None
-                raise TransferFailed(f"cannot write the fetched image: {e.strerror or e}") from None
+            sha = _finish(sink)
             _drop_part_state(self.part)
             return FetchResult(sha, sink.size, self.fetched, route.label, self.resumed_from, self.warnings)
 
