@@ -270,3 +270,23 @@ def test_sparse_extraction_keeps_holes(
         os.close(fd)
     out_alloc = os.stat(default_build / "rootfs.img").st_blocks * 512
     assert out_alloc <= src_data * 1.1 + (1 << 20)
+
+
+def test_the_initrd_report_is_remembered_by_content(
+    capsys: pytest.CaptureFixture[str], default_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rebuild with the same initrd, kernel config and root filesystem type takes the report it made
+    # before (the check unpacks the whole initrd); an entry that is not a report is made again.
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VMTOOL_CACHE_DIR", os.fspath(cache))
+    first = build(capsys, str(default_disk), "-o", str(tmp_path / "a"))["guest"]["initrd"]
+    assert first["buses"][0] == "virtio" and first["archives"]
+    entries = list((cache / "initrd").iterdir())
+    assert len(entries) == 1 and json.loads(entries[0].read_text()) == first
+    # another label and keys: the same initrd
+    second = build(capsys, str(default_disk), "-o", str(tmp_path / "b"), "--label", "other")
+    assert second["guest"]["initrd"] == first
+    assert list((cache / "initrd").iterdir()) == entries
+    entries[0].write_text('{"buses": ["floppy"]}')
+    third = build(capsys, str(default_disk), "-o", str(tmp_path / "c"))["guest"]["initrd"]
+    assert third == first and json.loads(entries[0].read_text()) == first

@@ -40,7 +40,8 @@ def test_extract_keeps_holes_and_skips_zero_blocks(tmp_path: Path) -> None:
     assert written < 400 * K and _data_bytes(out) < 512 * K
 
 
-def test_compose_overlays_only_changed_blocks_and_hashes_the_result(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
+def test_compose_overlays_only_changed_blocks_and_hashes_the_result(tmp_path: Path, mapped: bool) -> None:
     size = 2048 * K
     src = tmp_path / "disk"
     base = os.urandom(size)
@@ -56,9 +57,9 @@ def test_compose_overlays_only_changed_blocks_and_hashes_the_result(tmp_path: Pa
         f.seek(900 * K)
         f.write(b"N" * K)
     changed = changed_ranges(meta0, meta, K)
-    assert changed == [(K, K), (900 * K, K)]
+    assert changed == [(K, b"L" * K), (900 * K, b"N" * K)]
     out = tmp_path / "out"
-    digest = compose(src, [(size, size)], meta, out, changed).get()
+    digest = compose(src, [(size, size)], out, changed, mapped=mapped).get()
     want = bytearray(base)
     want[K : 2 * K] = b"L" * K
     want[900 * K : 901 * K] = b"N" * K
@@ -74,10 +75,8 @@ def test_compose_digest_can_be_cancelled_and_its_thread_ends(tmp_path: Path) -> 
     size = 64 << 30  # a 64 GiB hole after 4 KiB of data: about half a minute of hashing
     src = tmp_path / "disk"
     _sparse(src, size, {0: os.urandom(4 * K)})
-    meta = tmp_path / "meta"
-    _sparse(meta, size, {0: b"L" * K})
     before = {t for t in threading.enumerate() if t.name == "vmtool-rootfs-sha256"}
-    pending = compose(src, [(0, size)], meta, tmp_path / "out", [(0, K)])
+    pending = compose(src, [(0, size)], tmp_path / "out", [(0, b"L" * K)])
     pending.cancel()
     for t in set(threading.enumerate()) - before:
         if t.name == "vmtool-rootfs-sha256":
@@ -87,7 +86,24 @@ def test_compose_digest_can_be_cancelled_and_its_thread_ends(tmp_path: Path) -> 
     small = 4 << 20
     _sparse(src, small, {})
     os.truncate(src, small)
-    os.truncate(meta, small)
-    pending2 = compose(src, [(0, small)], meta, tmp_path / "out2", [(0, K)])
+    pending2 = compose(src, [(0, small)], tmp_path / "out2", [(0, b"L" * K)])
     want = hashlib.sha256((tmp_path / "out2").read_bytes()).hexdigest()
     assert pending2.get() == want == pending2.get()
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
+def test_compose_leaves_zero_chunks_of_a_data_run_as_holes(tmp_path: Path, mapped: bool) -> None:
+    # A data run of the source (written, so allocated) holding a whole zero chunk between two data
+    # chunks, and a chunk that is zero only at its start: only the zero chunk becomes a hole.
+    chunk = 4 << 20
+    src = tmp_path / "disk"
+    head = os.urandom(chunk)
+    late = bytes(64) + os.urandom(chunk - 64)
+    with open(src, "wb") as f:
+        f.write(head + bytes(chunk) + late)
+    out = tmp_path / "out"
+    digest = compose(src, [(0, 3 * chunk)], out, [], mapped=mapped).get()
+    got = out.read_bytes()
+    assert got == head + bytes(chunk) + late
+    assert digest == hashlib.sha256(got).hexdigest()
+    assert _data_bytes(out) <= 2 * chunk + 64 * K

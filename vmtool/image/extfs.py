@@ -36,6 +36,11 @@ class ExtFs:
         self._cache: dict[str, tuple[int, int, int] | None] = {}
         self._listed: set[str] = set()
 
+    def lookups_from(self, other: ExtFs) -> None:
+        """Take what `other` already looked up: for an exact metadata copy of it (e2image -r)."""
+        self._cache.update(other._cache)
+        self._listed |= other._listed
+
     @property
     def spec(self) -> str:
         return f"{os.fspath(self.path)}?offset={self.offset}" if self.offset else os.fspath(self.path)

@@ -7,14 +7,20 @@ are skipped too, so the output's holes are at least the source's holes. The outp
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
+import logging
+import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vmtool.errors import ImageError
 from vmtool.fsutil import os_error
 from vmtool.log import Progress
+
+log = logging.getLogger("vmtool.image.extract")
 
 CHUNK = 4 << 20
 BLOCK = 64 << 10
@@ -140,7 +146,7 @@ class _Hasher:
         import threading
 
         self.h = hashlib.sha256()
-        self.q: queue.Queue[bytes | int | None] = queue.Queue(maxsize=16)
+        self.q: queue.Queue[bytes | memoryview | int | None] = queue.Queue(maxsize=16)
         self.error: BaseException | None = None
         self.stopped = threading.Event()
         self.t = threading.Thread(target=self._run, name="vmtool-rootfs-sha256", daemon=True)
@@ -163,7 +169,7 @@ class _Hasher:
         except BaseException as e:  # surfaced by hexdigest()
             self.error = e
 
-    def feed(self, item: bytes | int) -> None:
+    def feed(self, item: bytes | memoryview | int) -> None:
         import queue
 
         if isinstance(item, int) and item <= 0:
@@ -225,9 +231,11 @@ def sparse_clone(src: Path, dst: Path) -> None:
         os.close(fi)
 
 
-def changed_ranges(before: Path, after: Path, block: int) -> list[tuple[int, int]]:
-    """Ranges (offset, length) of `after` whose `block`-sized blocks differ from `before` (same size)."""
-    out: list[tuple[int, int]] = []
+def changed_ranges(before: Path, after: Path, block: int) -> list[tuple[int, bytes]]:
+    """The `block`-sized blocks of `after` that differ from `before` (a file of the same size), merged
+    into runs: (offset, the run's bytes in `after`). They are few (the blocks an edit touched), so they
+    are kept in memory and both files can go at once."""
+    out: list[tuple[int, bytearray]] = []
     fa = os.open(after, os.O_RDONLY)
     fb = os.open(before, os.O_RDONLY)
     try:
@@ -240,45 +248,52 @@ def changed_ranges(before: Path, after: Path, block: int) -> list[tuple[int, int
             for i in range(0, len(a), block):
                 if a[i : i + block] != b[i : i + block]:
                     off = start + i
-                    if out and out[-1][0] + out[-1][1] == off:
-                        out[-1] = (out[-1][0], out[-1][1] + block)
-                    elif out and out[-1][0] + out[-1][1] > off:
+                    if out and out[-1][0] + len(out[-1][1]) == off:
+                        out[-1][1].extend(a[i : i + block])
+                    elif out and out[-1][0] + len(out[-1][1]) > off:
                         continue
                     else:
-                        out.append((off, min(block, size - off)))
+                        out.append((off, bytearray(a[i : i + block])))
     finally:
         os.close(fa)
         os.close(fb)
-    return out
+    return [(off, bytes(data)) for off, data in out]
 
 
 def compose(
     src: Path,
     pieces: Sequence[tuple[int, int]],
-    overlay: Path,
     out: Path,
-    changed: list[tuple[int, int]],
+    changes: Sequence[tuple[int, bytes]],
     *,
     label: str = "extracting",
+    mapped: bool = True,
 ) -> PendingDigest:
-    """Write the volume `pieces` of `src` to the new file `out` with the `changed` ranges taken from
-    `overlay` (a file of the same size), sparse, and return the sha256 of the result, hashed while it
-    is written (PendingDigest.get() waits for the last of it).
+    """Write the volume `pieces` of `src` to the new file `out` with the `changes` (offset, bytes) laid
+    over it, sparse, and return the sha256 of the result, hashed while it is written
+    (PendingDigest.get() waits for the last of it).
 
     This is how the native backend avoids a second pass over the root filesystem: the changes (fstab,
-    keys, label) are made first on `overlay`, an `e2image -r` metadata-only copy of the filesystem, and
-    `changed` lists the filesystem blocks they touched (see changed_ranges).
+    keys, label) are made first on an `e2image -r` metadata-only copy of the filesystem, and
+    changed_ranges lists the filesystem blocks they touched, with their new bytes.
+
+    The source is read through a read-only map (`mapped`): the hash and the write take its page-cache
+    pages as they are, where a read would copy every chunk into freshly allocated memory first, which
+    cost more CPU than the write itself on the 2-core test machine (bench/build.py). Shrinking the
+    source file while a build maps it ends the process with SIGBUS, as it does for git and ripgrep;
+    where the map cannot be made (address-space limits) the source is read instead.
     """
     total = sum(n for _, n in pieces)
+    over = sorted((off, len(data)) for off, data in changes)
+    by_offset = dict(changes)
+    for i, (off, n) in enumerate(over):
+        if off < 0 or off + n > total or (i and over[i - 1][0] + over[i - 1][1] > off):
+            raise ImageError("internal: a change lies outside the volume or overlaps another")
     progress = Progress(label, total)
     hasher = _Hasher()
     try:
         fi = os.open(src, os.O_RDONLY)
-        fv = os.open(overlay, os.O_RDONLY)
         try:
-            if os.fstat(fv).st_size != total:
-                raise ImageError("internal: overlay size differs from the volume size")
-            over = list(changed)
             fo = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
             flusher = _Flusher(fo)
             try:
@@ -296,6 +311,7 @@ def compose(
                         src_runs.append((base + d - off, length, d))
                     base += n
                 pos = 0
+                read = _source_reader(fi) if mapped else functools.partial(os.pread, fi)
                 for kind, start, length, disk in _merge(src_runs, over, total):
                     hasher.feed(start - pos)  # hole before this run
                     end = start + length
@@ -303,12 +319,12 @@ def compose(
                     while p < end:
                         k = min(CHUNK, end - p)
                         if kind == "overlay":
-                            buf = os.pread(fv, k, p)
+                            buf: bytes | memoryview = by_offset[start][p - start : p - start + k]
                         else:
-                            buf = os.pread(fi, k, disk + (p - start))
+                            buf = read(k, disk + (p - start))
                         if len(buf) != k:
                             raise ImageError(f"{src}: short read", hint="the image is truncated")
-                        if buf != (_ZERO_CHUNK if k == CHUNK else bytes(k)) or kind == "overlay":
+                        if kind == "overlay" or not _zero(buf):
                             done = 0
                             while done < k:
                                 done += os.pwrite(fo, buf[done:], p + done)
@@ -323,7 +339,6 @@ def compose(
                 os.close(fo)
         finally:
             os.close(fi)
-            os.close(fv)
     except OSError as e:
         hasher.abort()
         raise os_error(e, f"writing {out}") from None
@@ -334,6 +349,36 @@ def compose(
     # The copy runs at most the queue's length ahead of the hash: the caller checks and syncs the new
     # file while the hash thread finishes, and asks for the digest last.
     return PendingDigest(hasher)
+
+
+def _source_reader(fd: int) -> Callable[[int, int], bytes | memoryview]:
+    """A read(length, offset) that slices a read-only map of the file (each slice keeps the map alive
+    until the hash thread is done with it), or reads when the file cannot be mapped."""
+    try:
+        mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+    except (OSError, ValueError) as e:
+        log.debug("cannot map the source (%s): reading it", e)
+        return functools.partial(os.pread, fd)
+    with contextlib.suppress(OSError):
+        mm.madvise(mmap.MADV_SEQUENTIAL)
+    view = memoryview(mm)
+    size = len(mm)
+
+    def read(n: int, at: int) -> memoryview:
+        return view[at : min(at + n, size)]
+
+    return read
+
+
+def _zero(buf: bytes | memoryview) -> bool:
+    # bytes equality is a memcmp; a memoryview's compares item by item, so one is only copied when
+    # its first bytes are zero (an unwritten part of the filesystem, rare inside a data run).
+    n = len(buf)
+    if isinstance(buf, memoryview):
+        if buf[:64] != _ZERO_CHUNK[: min(64, n)]:
+            return False
+        buf = bytes(buf)
+    return buf == (_ZERO_CHUNK if n == CHUNK else bytes(n))
 
 
 class PendingDigest:

@@ -11,16 +11,23 @@ from: launch then picks virtio, else SATA (AHCI), else IDE.
 from __future__ import annotations
 
 import bz2
+import contextlib
+import fcntl
 import lzma
+import os
 import re
+import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vmtool.errors import ImageError
-from vmtool.run import run
+from vmtool.run import PIPE, Limits, spawn
 
 MAX_UNPACKED = 4 << 30  # a decompression bomb is refused beyond this
+CHECK_VERSION = 1  # part of a remembered report's key: change it when what check() reports changes
 CPIO_MAGICS = (b"070701", b"070702")
 COMPRESSORS = {
     b"\x1f\x8b": "gzip",
@@ -83,6 +90,31 @@ class InitrdReport:
             "warnings": list(self.warnings),
         }
 
+    @classmethod
+    def from_dict(cls, d: Any) -> InitrdReport:
+        """The report to_dict() wrote; ValueError if it is not one (a damaged or foreign cache entry)."""
+        if not isinstance(d, dict):
+            raise ValueError("not an object")
+        archives, drivers, buses, warnings = (
+            d.get("archives"),
+            d.get("drivers"),
+            d.get("buses"),
+            d.get("warnings"),
+        )
+        if not (
+            isinstance(archives, list)
+            and all(isinstance(a, str) for a in archives)
+            and d.get("generator") in ("dracut", "initramfs-tools", "unknown")
+            and isinstance(drivers, dict)
+            and all(isinstance(k, str) and v in ("builtin", "initrd", "missing") for k, v in drivers.items())
+            and isinstance(buses, list)
+            and all(b in BUSES for b in buses)
+            and isinstance(warnings, list)
+            and all(isinstance(w, str) for w in warnings)
+        ):
+            raise ValueError("not an initrd report")
+        return cls(tuple(archives), d["generator"], dict(drivers), tuple(buses), tuple(warnings))
+
 
 def parse_config(text: str) -> dict[str, str]:
     """CONFIG_X -> y|m from a kernel .config; unset options are absent."""
@@ -92,93 +124,249 @@ def parse_config(text: str) -> dict[str, str]:
     return out
 
 
-def _decompress(kind: str, data: bytes, what: str) -> tuple[bytes, bytes]:
-    """(decompressed, what follows the compressed stream) of the stream at the start of `data`."""
+READ = 1 << 20  # bytes per read, from the file and from a decompressor
+_NONZERO = re.compile(rb"[^\0]")
+TOOLS = {"zstd": ["zstd", "-dcq"], "lz4": ["lz4", "-dcq"]}
+# A hostile initrd gets this much CPU time in the zstd/lz4 tool (a real one needs well under a second).
+TOOL_LIMITS = Limits(cpu_seconds=120)
+
+
+class _Stream:
+    """Sequential reads over byte chunks, never holding more than a chunk or two: an initramfs is read
+    once, header by header, and the file data between headers is skipped, not kept."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = bytearray()
+        self._at = 0
+        self.pos = 0  # offset of the next byte, for messages
+
+    def _fill(self, n: int) -> bool:
+        while len(self._buf) - self._at < n:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return False
+            del self._buf[: self._at]
+            self._at = 0
+            self._buf += chunk
+        return True
+
+    def peek(self, n: int) -> bytes:
+        self._fill(n)
+        return bytes(self._buf[self._at : self._at + n])
+
+    def read(self, n: int) -> bytes:
+        out = self.peek(n)
+        self._at += len(out)
+        self.pos += len(out)
+        return out
+
+    def skip(self, n: int) -> int:
+        """Skip n bytes (fewer at the end); returns how many were skipped."""
+        done = min(n, len(self._buf) - self._at)
+        self._at += done
+        while done < n:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            del self._buf[:]
+            self._at = 0
+            take = min(len(chunk), n - done)
+            if take < len(chunk):
+                self._buf += chunk[take:]
+            done += take
+        self.pos += done
+        return done
+
+    def skip_zeros(self) -> None:
+        while self._fill(1):
+            m = _NONZERO.search(self._buf, self._at)
+            end = m.start() if m else len(self._buf)
+            self.pos += end - self._at
+            self._at = end
+            if m:
+                return
+
+    def rest(self) -> Iterator[bytes]:
+        """The unread bytes as chunks (for a decompressor); give back what it leaves with unread()."""
+        if self._at < len(self._buf):
+            chunk = bytes(self._buf[self._at :])
+            del self._buf[:]
+            self._at = 0
+            self.pos += len(chunk)
+            yield chunk
+        for chunk in self._chunks:
+            self.pos += len(chunk)
+            yield chunk
+
+    def unread(self, data: bytes) -> None:
+        if data:
+            self._buf[self._at : self._at] = data
+            self.pos -= len(data)
+
+
+def _chunks_of(initrd: bytes | Path) -> Iterator[bytes]:
+    if isinstance(initrd, Path):
+        with open(initrd, "rb", buffering=0) as f:
+            while chunk := f.read(READ):
+                yield chunk
+    else:
+        view = memoryview(initrd)
+        for i in range(0, len(view), READ):
+            yield bytes(view[i : i + READ])
+
+
+def _unpacked(kind: str, src: _Stream, what: str) -> Iterator[bytes]:
+    """The decompressed bytes of the stream at `src`'s position, in chunks; `src` is left just after it
+    (for zstd and lz4 at its end: the tools read concatenated frames to the end, as the kernel does)."""
+    if kind in TOOLS:
+        yield from _unpacked_by_tool(kind, src, what)
+        return
+    d: Any
+    if kind == "gzip":
+        d = zlib.decompressobj(wbits=31)
+    elif kind in ("xz", "lzma"):
+        d = lzma.LZMADecompressor(lzma.FORMAT_XZ if kind == "xz" else lzma.FORMAT_ALONE)
+    else:
+        d = bz2.BZ2Decompressor()
+    total = 0
     try:
-        if kind == "gzip":
-            d = zlib.decompressobj(wbits=31)
-            out = d.decompress(data, MAX_UNPACKED)
-            if not d.eof:
-                raise InitrdError(f"{what}: the gzip stream is truncated", hint=GENERIC_FIX)
-            return out, d.unused_data
-        if kind in ("xz", "lzma"):
-            ld = lzma.LZMADecompressor(lzma.FORMAT_XZ if kind == "xz" else lzma.FORMAT_ALONE)
-            out = ld.decompress(data, MAX_UNPACKED)
-            if not ld.eof and kind == "xz":
-                raise InitrdError(f"{what}: the xz stream is truncated", hint=GENERIC_FIX)
-            return out, ld.unused_data
-        if kind == "bzip2":
-            bd = bz2.BZ2Decompressor()
-            out = bd.decompress(data, MAX_UNPACKED)
-            return out, bd.unused_data
+        for chunk in src.rest():
+            data = chunk
+            while True:
+                # max_length bounds what one call may produce: a small chunk of a bomb stays small.
+                out = d.decompress(data, READ)
+                total += len(out)
+                if total > MAX_UNPACKED:
+                    raise InitrdError(
+                        f"{what}: its {kind} stream unpacks to more than {MAX_UNPACKED >> 30} GiB",
+                        hint=GENERIC_FIX,
+                    )
+                if out:
+                    yield out
+                if d.eof:
+                    src.unread(d.unused_data)
+                    return
+                if kind == "gzip":
+                    data = d.unconsumed_tail
+                    if not data:
+                        break
+                else:
+                    if d.needs_input:
+                        break
+                    data = b""
     except (zlib.error, lzma.LZMAError, OSError, EOFError) as e:
         raise InitrdError(f"{what}: the {kind} stream is damaged ({e})", hint=GENERIC_FIX) from None
-    # zstd and lz4: the tools read concatenated frames to the end; the kernel does the same.
-    tool = {"zstd": ["zstd", "-dcq"], "lz4": ["lz4", "-dcq"]}[kind]
-    p = run(tool, input=data, check=False, timeout=600)
-    if p.returncode != 0 or not p.stdout:
+    if kind != "lzma":  # a .lzma ("alone") stream may end without an end marker
+        raise InitrdError(f"{what}: the {kind} stream is truncated", hint=GENERIC_FIX)
+
+
+def _unpacked_by_tool(kind: str, src: _Stream, what: str) -> Iterator[bytes]:
+    """zstd and lz4 through their command-line tools, fed on a thread and read as they go."""
+    p = spawn(TOOLS[kind], stdin=PIPE, stdout=PIPE, stderr=PIPE, limits=TOOL_LIMITS)
+    assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+    stdin = p.stdin
+
+    def feed() -> None:
+        try:
+            for chunk in src.rest():
+                stdin.write(chunk)
+        except (BrokenPipeError, OSError):
+            pass  # the tool stopped early: its exit status says why
+        finally:
+            try:
+                stdin.close()
+            except OSError:
+                pass
+
+    feeder = threading.Thread(target=feed, name=f"vmtool-{kind}-feed", daemon=True)
+    feeder.start()
+    total = 0
+    out_fd = p.stdout.fileno()
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(out_fd, fcntl.F_SETPIPE_SZ, READ)  # fewer, larger reads
+        while chunk := os.read(out_fd, READ):
+            total += len(chunk)
+            if total > MAX_UNPACKED:
+                raise InitrdError(
+                    f"{what}: its {kind} stream unpacks to more than {MAX_UNPACKED >> 30} GiB",
+                    hint=GENERIC_FIX,
+                )
+            yield chunk
+        err = p.stderr.read()
+        rc = p.wait()
+    finally:
+        if p.poll() is None:  # stopped early (an error in what it produced): no need for the rest
+            p.kill()
+            p.wait()
+        feeder.join()
+        for f in (p.stdout, p.stderr):
+            f.close()
+    if rc != 0 or total == 0:
         raise InitrdError(
-            f"{what}: cannot decompress its {kind} stream ({p.stderr.decode(errors='replace').strip()[:200]})",
-            hint=f"install the {tool[0]} tool, or check the initrd is complete",
+            f"{what}: cannot decompress its {kind} stream ({err.decode(errors='replace').strip()[:200]})",
+            hint=f"install the {TOOLS[kind][0]} tool, or check the initrd is complete",
         )
-    return p.stdout, b""
 
 
-def _cpio_names(data: bytes, pos: int, what: str) -> tuple[list[str], int]:
-    """Member names of the newc archive at `pos`, and the offset after its trailer."""
-    names: list[str] = []
+def _cpio_names(s: _Stream, what: str, names: list[str]) -> None:
+    """Member names of the newc archive at `s`'s position, which is left after its trailer."""
     while True:
-        if len(data) < pos + 110:
+        at = s.pos
+        hdr = s.read(110)
+        if len(hdr) < 110:
             raise InitrdError(f"{what}: the cpio archive is truncated (no trailer)", hint=GENERIC_FIX)
-        hdr = data[pos : pos + 110]
         if hdr[:6] not in CPIO_MAGICS:
-            raise InitrdError(f"{what}: damaged cpio header at offset {pos}", hint=GENERIC_FIX)
+            raise InitrdError(f"{what}: damaged cpio header at offset {at}", hint=GENERIC_FIX)
         try:
             filesize = int(hdr[54:62], 16)
             namesize = int(hdr[94:102], 16)
         except ValueError:
-            raise InitrdError(f"{what}: damaged cpio header at offset {pos}", hint=GENERIC_FIX) from None
-        name_end = pos + 110 + namesize
-        if name_end > len(data):
+            raise InitrdError(f"{what}: damaged cpio header at offset {at}", hint=GENERIC_FIX) from None
+        raw = s.read(namesize)
+        if len(raw) < namesize:
             raise InitrdError(f"{what}: the cpio archive is truncated", hint=GENERIC_FIX)
-        name = data[pos + 110 : name_end - 1].decode(errors="replace")
-        data_start = (name_end + 3) & ~3
-        pos = (data_start + filesize + 3) & ~3
+        name = raw[:-1].decode(errors="replace")
+        s.skip(-s.pos % 4)
         if name == "TRAILER!!!":
-            return names, pos
-        if pos > len(data):
+            s.skip(filesize + (-(s.pos + filesize) % 4))
+            return
+        if s.skip(filesize) < filesize:
             raise InitrdError(f"{what}: the cpio archive is truncated (in {name})", hint=GENERIC_FIX)
+        s.skip(-s.pos % 4)
         names.append(name)
 
 
-def read_members(data: bytes, what: str = "initrd") -> tuple[list[str], list[str]]:
-    """(member names, archive kinds) of every archive in an initramfs image."""
-    names: list[str] = []
-    kinds: list[str] = []
-    pos = 0
-    while pos < len(data):
-        if data[pos] == 0:  # padding between archives
-            nxt = len(data) - len(data[pos:].lstrip(b"\0"))
-            pos = nxt
-            continue
-        head = data[pos : pos + 6]
+def _archives(s: _Stream, what: str, names: list[str], kinds: list[str], packed: str | None = None) -> None:
+    """Every archive from `s`'s position to its end: cpio archives with zero padding between them and,
+    at the top level only, compressed streams of them (the kernel reads nothing else inside one)."""
+    while True:
+        s.skip_zeros()
+        head = s.peek(6)
+        if not head:
+            return
         if head in CPIO_MAGICS:
-            got, pos = _cpio_names(data, pos, what)
-            names += got
-            kinds.append("cpio")
+            _cpio_names(s, what, names)
+            kinds.append(f"{packed}+cpio" if packed else "cpio")
             continue
-        kind = next((k for magic, k in COMPRESSORS.items() if data.startswith(magic, pos)), None)
-        if kind is None:
+        kind = next((k for magic, k in COMPRESSORS.items() if head.startswith(magic)), None)
+        if kind is None or packed:
+            where = f"inside its {packed} stream at offset {s.pos}" if packed else f"at offset {s.pos}"
             raise InitrdError(
-                f"{what}: unknown data at offset {pos} (magic {data[pos:pos + 6].hex()}): "
-                "not a cpio archive nor a known compression",
+                f"{what}: unknown data {where} (magic {head.hex()}): not a cpio archive nor a known compression",
                 hint="vmtool reads cpio archives compressed with gzip, xz, lzma, bzip2, zstd or lz4",
             )
-        unpacked, rest = _decompress(kind, data[pos:], what)
-        inner, inner_kinds = read_members(unpacked, what)
-        names += inner
-        kinds += [f"{kind}+{k}" for k in inner_kinds]
-        pos = len(data) - len(rest)
+        inner = _Stream(_unpacked(kind, s, what))
+        # Read to its end (the decompressor's own checks run there), then on after it.
+        _archives(inner, what, names, kinds, kind)
+
+
+def read_members(initrd: bytes | Path, what: str = "initrd") -> tuple[list[str], list[str]]:
+    """(member names, archive kinds) of every archive in an initramfs image (its bytes or its file)."""
+    names: list[str] = []
+    kinds: list[str] = []
+    _archives(_Stream(_chunks_of(initrd)), what, names, kinds)
     if not kinds:
         raise InitrdError(f"{what}: empty", hint=GENERIC_FIX)
     return names, kinds
@@ -189,7 +377,9 @@ def _module_name(path: str) -> str | None:
     return m.group(1).replace("-", "_") if m else None
 
 
-def check(initrd: bytes, config_text: str | None, fstype: str, *, what: str = "initrd") -> InitrdReport:
+def check(
+    initrd: bytes | Path, config_text: str | None, fstype: str, *, what: str = "initrd"
+) -> InitrdReport:
     """Which drivers the boot needs are built in, in the initrd or missing; which buses can boot."""
     if config_text is None:
         raise InitrdError(

@@ -68,11 +68,12 @@ def raw_view(src: SourceDisk, workdir: Path) -> Iterator[Path]:
 
 
 
-def _cache_dir() -> Path:
+def build_cache_dir(kind: str) -> Path:
+    """Where builds remember what they computed from content (kind: "sha256", "initrd")."""
     base = os.environ.get("VMTOOL_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vmtool"
     )
-    return Path(base) / "sha256"
+    return Path(base) / kind
 
 
 def _cache_key(st: os.stat_result) -> str:
@@ -86,7 +87,7 @@ def cached_sha256(path: Path, stop: threading.Event | None = None) -> str:
     cache lives in ~/.cache/vmtool (or $VMTOOL_CACHE_DIR); the input file itself is never written.
     """
     st = os.stat(path)
-    entry = _cache_dir() / _cache_key(st)
+    entry = build_cache_dir("sha256") / _cache_key(st)
     with contextlib.suppress(OSError, UnicodeDecodeError):
         text = entry.read_text().strip()
         if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
