@@ -17,23 +17,16 @@ import os
 import stat
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, NoReturn
 
 from vmtool.errors import VmtoolError
 from vmtool.fsutil import write_atomic
+from vmtool.image.formats import ImageFormat  # noqa: F401  (re-exported: a manifest's formats)
 
 SCHEMA = "vmtool.manifest/1"
 MAX_MANIFEST_BYTES = 4 << 20
 HINT = "give the manifest.json written by 'vmtool build'"
-
-
-class ImageFormat(StrEnum):
-    """The formats vmtool reads whole disks in and writes root filesystems and disks as."""
-
-    RAW = "raw"
-    QCOW2 = "qcow2"
 
 
 class FrozenDict(dict[str, Any]):

@@ -113,3 +113,16 @@ def test_the_hosts_own_initrd(tmp_path: Path) -> None:
         initrd = sorted(Path("/boot").glob("initrd.img-*"))[-1]
     names, kinds = read_members(initrd.read_bytes())
     assert kinds and any(n.endswith("virtio_blk.ko") or "virtio_blk" in n for n in names)
+
+
+def test_a_damaged_archive_inside_zstd_stops_the_tool() -> None:
+    # The member data after a damaged header is never read: the zstd process must not be left behind.
+    import threading
+
+    main = cpio(["init", *mods(*ALL)]) + b"07070X" + b"0" * (1 << 20)
+    packed = run(["zstd", "-q", "-c"], input=main + bytes(8 << 20)).stdout
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(InitrdError) as e:
+        check(packed, CONFIG_MODULES, "ext4")
+    assert "inside its zstd stream" in e.value.message
+    assert "vmtool-zstd-feed" not in {t.name for t in threading.enumerate()} - before

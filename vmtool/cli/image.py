@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from vmtool.cli.output import add_json_flag, emit
+from vmtool.image.formats import FORMATS, ImageFormat
 from vmtool.image.options import Backend
-from vmtool.manifest import ImageFormat
 from vmtool.queue.agent import AgentMode
 
 
@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "which one is root and /boot, and the kernels found. Needs no root.",
     )
     p.add_argument("image", metavar="DISK", help="whole-disk image (raw or qcow2)")
-    p.add_argument("--format", choices=("raw", "qcow2"), help="image format (default: from its header)")
+    p.add_argument("--format", choices=FORMATS, help="image format (default: from its header)")
     p.add_argument("--root", metavar="NAME", help="the root volume, when several could be (see the list)")
     add_json_flag(p)
     p.set_defaults(func=cmd_inspect)
@@ -96,7 +96,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     c.add_argument("recipe", metavar="RECIPE", help="recipe name or .toml file")
     c.add_argument("-o", "--output", dest="out", metavar="DISK", required=True, help="the disk image to write")
-    c.add_argument("--format", choices=("raw", "qcow2"), default="raw", help="format of DISK (default raw)")
+    c.add_argument("--format", choices=FORMATS, default="raw", help="format of DISK (default raw)")
     c.add_argument(
         "--cache", metavar="DIR", type=Path, help="keep the distribution tree here and reuse it next time"
     )

@@ -10,6 +10,7 @@ from typing import Any
 
 from vmtool.cli.output import add_json_flag, emit
 from vmtool.errors import PublishError, VmtoolError
+from vmtool.image.formats import FORMATS
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,7 +28,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "-o", "--output", type=Path, help="disk image path, beside the manifest (default disk.FORMAT)"
     )
     asm.add_argument(
-        "--format", choices=("raw", "qcow2"), default="raw", help="disk image format (default raw)"
+        "--format", choices=FORMATS, default="raw", help="disk image format (default raw)"
     )
     add_json_flag(asm)
     asm.set_defaults(func=cmd_disk_assemble)

@@ -6,6 +6,7 @@ import argparse
 import time
 
 from vmtool.cli.output import add_json_flag, emit
+from vmtool.image.formats import FORMATS
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,7 +23,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--sha256", metavar="HEX", help="expected sha256 of the base image")
     p.add_argument(
         "--format",
-        choices=("raw", "qcow2"),
+        choices=FORMATS,
         help="format of the base (default: detect; raw "
         "is accepted without --format only when it holds a partition table or filesystem)",
     )
@@ -52,7 +53,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ap.add_argument("source", metavar="SOURCE")
     ap.add_argument("--cache", metavar="DIR", help="cache directory")
     ap.add_argument("--sha256", metavar="HEX", help="expected sha256 of the base image")
-    ap.add_argument("--format", choices=("raw", "qcow2"), help="format of the base (default: detect)")
+    ap.add_argument("--format", choices=FORMATS, help="format of the base (default: detect)")
     ap.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
     ap.add_argument("--accept-new-host-key", action="store_true",
                     help="sftp: trust and record a host key not yet in known_hosts")

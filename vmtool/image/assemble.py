@@ -28,7 +28,7 @@ from vmtool.errors import ImageError, VmtoolError
 from vmtool.fsutil import os_error, sha256_file
 from vmtool.image import formats
 from vmtool.log import step
-from vmtool.manifest import DiskInfo, ImageFormat, Manifest
+from vmtool.manifest import DiskInfo, Manifest
 from vmtool.run import run
 
 STUB_DIRS = (Path("/usr/lib/systemd/boot/efi"), Path("/usr/lib/systemd/efi"))
@@ -43,7 +43,6 @@ ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
 # 2000-01-01T00:00:00Z: a fixed time for FAT entries, so the image is reproducible.
 FIXED_MTIME = 946684800
-FORMATS = tuple(f.value for f in ImageFormat)
 ROOTFS_POLICY = formats.Policy()  # the rootfs stands alone; raw or qcow2 as its manifest says
 COPY_CHUNK = 4 * MIB
 
@@ -226,7 +225,7 @@ def assemble_disk(m: Manifest, out: Path, fmt: str) -> DiskInfo:
     appears only when complete; the manifest is not changed: the caller records the disk with
     `replace(m, disk=info).save(...)`.
     """
-    if fmt not in FORMATS:
+    if fmt not in formats.FORMATS:
         raise VmtoolError(f"unknown disk format {fmt!r}", hint="use raw or qcow2")
     out = Path(out)
     base = m.base_dir.resolve()
@@ -240,7 +239,7 @@ def assemble_disk(m: Manifest, out: Path, fmt: str) -> DiskInfo:
     for what, p in (("root filesystem", rootfs), ("kernel", kernel), ("initrd", initrd)):
         if not p.is_file():
             raise VmtoolError(f"the build's {what} {p} is missing", hint="rebuild it with 'vmtool build'")
-    if m.rootfs.format not in FORMATS:
+    if m.rootfs.format not in formats.FORMATS:
         raise ImageError(f"the build's root filesystem has an unsupported format {m.rootfs.format!r}")
     # The build's own output, but read as hostile as any image: its header first, then qemu-img under limits.
     what = f"the build's root filesystem {rootfs}"

@@ -21,6 +21,7 @@ import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,16 @@ from vmtool.errors import CommandError, ImageError, VmtoolError
 from vmtool.run import QEMU_IMG_LIMITS, run
 
 SECTOR = 512
-FORMATS = ("raw", "qcow2")  # the formats vmtool runs
+
+
+class ImageFormat(StrEnum):
+    """The formats vmtool reads whole disks in and writes root filesystems and disks as (it runs them)."""
+
+    RAW = "raw"
+    QCOW2 = "qcow2"
+
+
+FORMATS = tuple(f.value for f in ImageFormat)
 
 
 @dataclass(frozen=True)

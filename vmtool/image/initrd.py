@@ -18,7 +18,7 @@ import os
 import re
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,7 +216,7 @@ def _chunks_of(initrd: bytes | Path) -> Iterator[bytes]:
             yield bytes(view[i : i + READ])
 
 
-def _unpacked(kind: str, src: _Stream, what: str) -> Iterator[bytes]:
+def _unpacked(kind: str, src: _Stream, what: str) -> Generator[bytes, None, None]:
     """The decompressed bytes of the stream at `src`'s position, in chunks; `src` is left just after it
     (for zstd and lz4 at its end: the tools read concatenated frames to the end, as the kernel does)."""
     if kind in TOOLS:
@@ -261,7 +261,7 @@ def _unpacked(kind: str, src: _Stream, what: str) -> Iterator[bytes]:
         raise InitrdError(f"{what}: the {kind} stream is truncated", hint=GENERIC_FIX)
 
 
-def _unpacked_by_tool(kind: str, src: _Stream, what: str) -> Iterator[bytes]:
+def _unpacked_by_tool(kind: str, src: _Stream, what: str) -> Generator[bytes, None, None]:
     """zstd and lz4 through their command-line tools, fed on a thread and read as they go."""
     p = spawn(TOOLS[kind], stdin=PIPE, stdout=PIPE, stderr=PIPE, limits=TOOL_LIMITS)
     assert p.stdin is not None and p.stdout is not None and p.stderr is not None
@@ -357,9 +357,12 @@ def _archives(s: _Stream, what: str, names: list[str], kinds: list[str], packed:
                 f"{what}: unknown data {where} (magic {head.hex()}): not a cpio archive nor a known compression",
                 hint="vmtool reads cpio archives compressed with gzip, xz, lzma, bzip2, zstd or lz4",
             )
-        inner = _Stream(_unpacked(kind, s, what))
-        # Read to its end (the decompressor's own checks run there), then on after it.
-        _archives(inner, what, names, kinds, kind)
+        unpacked = _unpacked(kind, s, what)
+        try:
+            # Read to its end (the decompressor's own checks run there), then on after it.
+            _archives(_Stream(unpacked), what, names, kinds, kind)
+        finally:
+            unpacked.close()  # on an error inside: stops a decompressing tool at once
 
 
 def read_members(initrd: bytes | Path, what: str = "initrd") -> tuple[list[str], list[str]]:

@@ -16,10 +16,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from vmtool.errors import StageError, TransferFailed
+from vmtool.image.formats import FORMATS
 
 SCHEMES = ("file", "http", "https", "s3", "sftp")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
-FORMATS = ("raw", "qcow2")
 
 
 @dataclass(frozen=True)
