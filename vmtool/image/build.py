@@ -162,7 +162,7 @@ class CopiedBoot:
     kernel: Kernel
     kernel_path: Path
     initrd_path: Path
-    sha256: tuple[str, str] | None = None  # (kernel, initrd), when hashed while they were copied
+    sha256: tuple[str, str] | None = None  # (kernel, initrd): set by each backend once they are copied
 
 
 @dataclass(frozen=True)
@@ -320,7 +320,8 @@ def _build_in(
         rootfs_hash = BackgroundHash(final, cache=False) if digest is None else None
         kpath, ipath = boot.kernel_path, boot.initrd_path
         _fsync(final, kpath, ipath)  # durable before the rename that publishes them
-        k_sha, i_sha = boot.sha256 or (sha256_file(kpath, sparse=False), sha256_file(ipath, sparse=False))
+        assert boot.sha256 is not None
+        k_sha, i_sha = boot.sha256
         version = boot.kernel.version
         manifest = Manifest(
             source=SourceInfo(os.fspath(src.path.resolve()), src.format, src.size, src_hash.get()),
@@ -365,10 +366,9 @@ def _build_in(
         raise
 
 
-def _check_initrd(
-    boot: CopiedBoot, layout: DiskLayout, work: Work, initrd_sha256: str | None = None
-) -> InitrdReport:
-    """Read the initrd copied out, with the kernel's config: refuse one that cannot boot from any disk."""
+def _check_initrd(boot: CopiedBoot, layout: DiskLayout, work: Work) -> InitrdReport:
+    """Read the initrd copied out (and hashed), with the kernel's config: refuse one that cannot boot
+    from any disk."""
     from vmtool.image import initrd as initrdmod
 
     root = layout.root
@@ -382,7 +382,8 @@ def _check_initrd(
         config.unlink(missing_ok=True)
     what = f"initrd {boot.kernel.initrd_real}"
     try:
-        report = _remembered_check(boot.initrd_path, initrd_sha256, config_text, root.fstype, what)
+        assert boot.sha256 is not None
+        report = _remembered_check(boot.initrd_path, boot.sha256[1], config_text, root.fstype, what)
     except initrdmod.InitrdError as e:
         raise initrdmod.InitrdError(
             e.message, hint=f"{e.hint}; or build with --no-initrd-check to boot it from virtio unchecked"
@@ -403,7 +404,7 @@ def _check_initrd(
 
 
 def _remembered_check(
-    path: Path, sha256: str | None, config_text: str | None, fstype: str, what: str
+    path: Path, sha256: str, config_text: str | None, fstype: str, what: str
 ) -> InitrdReport:
     """initrd.check(), remembered by content: the report is a function of the initrd's bytes, the
     kernel's config and the root filesystem's type, and rebuilding images of one distribution release
@@ -416,7 +417,7 @@ def _remembered_check(
     if config_text is None:
         return initrdmod.check(path, config_text, fstype, what=what)  # refused, with its hint
     key = hashlib.sha256(
-        f"{initrdmod.CHECK_VERSION}\0{sha256 or sha256_file(path, sparse=False)}\0{fstype}\0{config_text}".encode()
+        f"{initrdmod.CHECK_VERSION}\0{sha256}\0{fstype}\0{config_text}".encode()
     ).hexdigest()
     entry = build_cache_dir("initrd") / f"{key}.json"
     with contextlib.suppress(OSError, ValueError):
@@ -452,7 +453,7 @@ def _guestfs(
         prepare=prepare,
         kernel_version=kernel_version,
     )
-    return CopiedBoot(kernel, kpath, ipath), RootOutput(fstab_before, fstab_after), reports[0]
+    return _hashed(CopiedBoot(kernel, kpath, ipath)), RootOutput(fstab_before, fstab_after), reports[0]
 
 
 def _fsync(*paths: Path) -> None:
@@ -509,7 +510,7 @@ def _native(
 
     edits, report = guest_edits(edits, tree, layout.init, existing)
     boot = CopiedBoot(kernel, work.tmp / f"vmlinuz-{kernel.version}", work.tmp / f"initrd.img-{kernel.version}")
-    boot_sha: list[str] = []
+    copied: list[CopiedBoot] = []
     dump_errors: list[BaseException] = []
     checked: list[InitrdReport] = []
 
@@ -519,10 +520,11 @@ def _native(
             # so this thread (and the decompressor it starts) takes only the time they leave idle.
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
-            boot_sha.extend(_copy_boot_files(guest, boot))
+            _copy_boot_files(guest, boot)
+            copied.append(_hashed(boot))
             if initrd_check:
                 _copy_config(guest_tree(guest.root, guest.boot), kernel.version, work.tmp)
-                checked.append(_check_initrd(boot, layout, work, boot_sha[1]))
+                checked.append(_check_initrd(copied[0], layout, work))
         except BaseException as e:  # re-raised below, in the main thread
             dump_errors.append(e)
 
@@ -540,7 +542,7 @@ def _native(
         raise dump_errors[0]
     if checked:
         report = replace(report, initrd=checked[0])
-    return replace(boot, sha256=(boot_sha[0], boot_sha[1])), out, report
+    return copied[0], out, report
 
 
 def _copy_config(tree: GuestTree, version: str, tmp: Path) -> None:
@@ -573,8 +575,8 @@ def _locate(layout: DiskLayout, work: Work, materialized: dict[str, Path]) -> Gu
     return GuestFilesystems(root_fs, boot_fs, copied)
 
 
-def _copy_boot_files(guest: GuestFilesystems, boot: CopiedBoot) -> tuple[str, str]:
-    """Copy the kernel and initrd out of the (unchanged) guest filesystems; returns their sha256."""
+def _copy_boot_files(guest: GuestFilesystems, boot: CopiedBoot) -> None:
+    """Copy the kernel and initrd out of the (unchanged) guest filesystems."""
     kernel = boot.kernel
     assert kernel.initrd_real is not None
     tree = guest_tree(guest.root, guest.boot)
@@ -587,9 +589,12 @@ def _copy_boot_files(guest: GuestFilesystems, boot: CopiedBoot) -> tuple[str, st
         fs.dump(files_out)
     for host in (boot.kernel_path, boot.initrd_path):
         os.chmod(host, 0o644)
-    return (
-        sha256_file(boot.kernel_path, sparse=False),
-        sha256_file(boot.initrd_path, sparse=False),
+
+
+def _hashed(boot: CopiedBoot) -> CopiedBoot:
+    """`boot` with the sha256 of its kernel and initrd (the manifest's, and the initrd report's key)."""
+    return replace(
+        boot, sha256=(sha256_file(boot.kernel_path, sparse=False), sha256_file(boot.initrd_path, sparse=False))
     )
 
 
@@ -647,10 +652,8 @@ def _overlay_build(
             block = 1024 << min(int.from_bytes(f.read(4), "little"), 6)
     except (CommandError, OSError) as e:
         log.info("e2image could not copy the root filesystem's metadata (%s): copying it whole first", e)
-        meta.unlink(missing_ok=True)
-        meta0.unlink(missing_ok=True)
+        _remove(meta, meta0)
         return None
-    remover: threading.Thread | None = None
     try:
         meta_fs = ExtFs(meta, name=f"root filesystem ({root.name})")
         meta_fs.lookups_from(source_fs)  # the same directories: what inspection listed need not be again
@@ -658,20 +661,31 @@ def _overlay_build(
         # e2image writes whole host blocks, so its data ranges also cover unrelated filesystem blocks
         # (as zeros): only the blocks the changes really touched are laid over the source.
         changed = changed_ranges(meta0, meta, block)
-        # Removing the copies can take longer than making them (debugfs synced one, and a filesystem
-        # mounted with discard trims what they held): it happens beside the copy, not before it.
-        remover = threading.Thread(target=_remove, args=(meta, meta0), name="vmtool-remove", daemon=True)
-        remover.start()
-        digest = compose(raw, root.pieces, rootfs, changed, label=f"extracting {root.name}")
     except BaseException:
-        if remover is not None:
-            remover.join()
+        _remove(meta, meta0)
         raise
+    # The copies are done with. Removing them can take longer than making them (debugfs synced one,
+    # and a filesystem mounted with discard trims what they held): it happens beside the copy.
+    remover = threading.Thread(target=_remove, args=(meta, meta0), name="vmtool-remove", daemon=True)
+    remover.start()
+    try:
+        digest = compose(raw, root.pieces, rootfs, changed, label=f"extracting {root.name}")
+        _check_copy(rootfs, root, files, links, label, digest)
     finally:
-        if remover is None:
-            _remove(meta, meta0)
-    # Check the result the way a reader will see it (the files as written, the label in the
-    # superblock) while the hash thread finishes.
+        remover.join()  # before the output directory is renamed into place
+    return digest
+
+
+def _check_copy(
+    rootfs: Path,
+    root: Volume,
+    files: dict[str, tuple[bytes, int]],
+    links: dict[str, str],
+    label: str,
+    digest: PendingDigest,
+) -> None:
+    """Check the result the way a reader will see it (the files as written, the label in the
+    superblock) while the hash thread finishes; a failed check cancels the hash."""
     try:
         out = ExtFs(rootfs, name="the new root filesystem")
         for gpath, (content, _mode) in files.items():
@@ -691,9 +705,6 @@ def _overlay_build(
     except BaseException:
         digest.cancel()
         raise
-    finally:
-        remover.join()  # before the output directory is renamed into place
-    return digest
 
 
 def _remove(*paths: Path) -> None:
