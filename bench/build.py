@@ -160,24 +160,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="vmtool-bench-", dir=args.workdir) as td:
         work = Path(td)
         disk, facts = make_disk(work, args.data_mib, args.lv_mib)
-        lvm = facts["lvm"]
-        assert isinstance(lvm, dict)
         pv_data = int(facts["root"]["offset"])  # type: ignore[index]
-        lv_len = sum(c for _, c in lvm["lv_root"]) * lvm["extent_size"]
-        # The anchor's input: the LV's bytes as a sparse file (dd skips zero blocks: conv=sparse).
+        # The anchor's input: the LV's bytes as a sparse file.
         lv = work / "lv.img"
-        run(
-            [
-                "dd",
-                f"if={disk}",
-                f"of={lv}",
-                "bs=1M",
-                f"skip={pv_data // MiB}",
-                f"count={lv_len // MiB}",
-                "conv=sparse",
-                "status=none",
-            ]
-        )
+        lv_len = lv_file(disk, facts, lv)
         fd = os.open(disk, os.O_RDONLY)
         try:
             lv_data = sum(n for _, n in _data_runs(fd, pv_data, pv_data + lv_len))
